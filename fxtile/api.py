@@ -1,0 +1,247 @@
+"""Public API: ``find``, ``transform``, ``restore``.
+
+``transform`` walks the module tree top-down and traces each block that holds at least two
+linear-like layers (``passes.trace``). A block that does not trace is opened up and its children are
+tried. In each traced graph the MLP regions are matched by shape (``passes.match``) and replaced by
+one tiled call node (``passes.rewrite``). The rewritten forward is bound to the *same* module instance
+as an instance attribute. Parameters, buffers, ``state_dict`` keys, hooks and module names stay as
+they are, and ``restore`` removes that attribute to bring back the original forward exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Mapping, Optional
+
+import torch.fx as fx
+from torch import nn
+
+from passes.match import Candidate, find_candidates
+from passes.rewrite import META_KEY, extract_region, meta_template, region_inputs, rewrite
+from passes.trace import is_linear_like, linear_dims, trace
+
+from .op import TiledRegion, register_template
+from .policy import ShardPolicy, as_policy
+
+__all__ = ["Match", "Matches", "Skipped", "find", "restore", "transform"]
+
+logger = logging.getLogger(__name__)
+
+_STATE = "_fxtile"  # instance attribute holding a tiled module's state (a plain object: not in state_dict)
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class Match:
+    """One MLP region, as plain values (valid after ``transform`` and ``restore``).
+
+    ``path`` is the qualified name of the module whose forward holds the region ("" for the root),
+    ``roles`` maps gate/up/down/act (gated), gate_up/down/act (fused) or fc1/fc2/act (plain) to
+    submodule names relative to ``path`` (``act`` is absent for functional activations), and
+    ``nodes`` names the fx nodes the tiled call replaces.
+    """
+
+    path: str
+    pattern: str
+    roles: Mapping[str, str]
+    activation: str
+    hidden_size: int
+    intermediate_size: int
+    nodes: tuple[str, ...]
+    tiled: bool = False
+    shards: Optional[str] = None  # "auto" or a fixed count, when tiled
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A block that looked like it holds an MLP but was left untouched, and why."""
+
+    path: str
+    reason: str
+
+
+class Matches(list):
+    """``list[Match]`` with ``.skipped``: the blocks left untouched, each with its reason."""
+
+    def __init__(self, matches: list[Match], skipped: list[Skipped]) -> None:
+        super().__init__(matches)
+        self.skipped = skipped
+
+
+@dataclass
+class _TileState:
+    graph_module: fx.GraphModule
+    matches: list[Match]
+    policy: ShardPolicy
+    previous_forward: Optional[Callable] = None  # an instance-level forward we replaced (e.g. a hook wrapper)
+
+
+@dataclass
+class _Plan:
+    owners: list[tuple[str, nn.Module, fx.GraphModule, list[Candidate]]] = field(default_factory=list)
+    tiled: list[tuple[str, nn.Module]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def _linear_leaves(module: nn.Module) -> Iterator[nn.Module]:
+    if is_linear_like(module):
+        yield module
+        return
+    for child in module.children():
+        yield from _linear_leaves(child)
+
+
+def _looks_like_mlp(module: nn.Module) -> bool:
+    """An expanding projection (h -> i, i > h) and one contracting back (i or i/2 -> h): worth reporting."""
+    dims = [linear_dims(m) for m in _linear_leaves(module)]
+    return any(i > h and (i2 in (i, i // 2)) and o2 == h for h, i in dims for i2, o2 in dims)
+
+
+def _to_match(path: str, cand: Candidate, policy: Optional[ShardPolicy]) -> Match:
+    return Match(
+        path=path, pattern=cand.pattern, roles=types.MappingProxyType(dict(cand.roles)),
+        activation=cand.activation, hidden_size=cand.hidden_size, intermediate_size=cand.intermediate_size,
+        nodes=tuple(n.name for n in cand.nodes), tiled=policy is not None,
+        shards=policy.describe() if policy is not None else None,
+    )
+
+
+def _plan(model: nn.Module, filter_fn: Optional[FilterFn]) -> _Plan:
+    plan = _Plan()
+
+    def visit(path: str, module: nn.Module) -> bool:
+        """Plan ``module``; True if it or a descendant holds a (found or already tiled) MLP."""
+        if isinstance(getattr(module, _STATE, None), _TileState):
+            plan.tiled.append((path, module))
+            return True
+        if is_linear_like(module) or sum(1 for _ in _linear_leaves(module)) < 2:
+            return False
+        allowed = filter_fn is None or filter_fn(module, path)
+        result = trace(module) if allowed and not isinstance(module, (nn.ModuleList, nn.ModuleDict)) else None
+        if result is not None and result.graph_module is not None:
+            candidates, rejections = find_candidates(result.graph_module)
+            if candidates:
+                plan.owners.append((path, module, result.graph_module, candidates))
+                return True
+            plan.skipped += [Skipped(path, f"MLP-shaped nodes {', '.join(r.nodes)}: {r.reason}") for r in rejections]
+            return False
+        found = False
+        for name, child in module.named_children():
+            found |= visit(f"{path}.{name}" if path else name, child)
+        if not found and result is not None and _looks_like_mlp(module):
+            plan.skipped.append(Skipped(path, result.reason or "not traced"))
+        return found
+
+    visit("", model)
+    return plan
+
+
+def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None) -> Matches:
+    """Dry run: the MLP regions ``transform`` would tile (or has tiled), without changing ``model``.
+
+    ``filter_fn(module, fqn) -> bool`` limits the blocks considered (a block it refuses is opened up
+    and its children are asked). The result's ``.skipped`` lists blocks that look like MLPs but were
+    not matched, each with the reason.
+    """
+    _check_args(model, filter_fn)
+    plan = _plan(model, filter_fn)
+    matches = [m for _, module in plan.tiled for m in getattr(module, _STATE).matches]
+    matches += [_to_match(path, c, None) for path, _, _, cands in plan.owners for c in cands]
+    return Matches(matches, plan.skipped)
+
+
+def _check_args(model: object, filter_fn: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable (module, fqn) -> bool or None, got {type(filter_fn).__name__}")
+
+
+def _tiled_forward(path: str, gm: fx.GraphModule, candidates: list[Candidate], policy: ShardPolicy) -> fx.GraphModule:
+    regions = []
+    for i, cand in enumerate(candidates):
+        region = extract_region(gm, cand)
+        module_paths, tensor_paths = region_inputs(region)
+        template_id = register_template(meta_template(region, tensor_paths), tensor_paths)
+        target = TiledRegion(
+            template_id, module_paths, tuple(type(region.get_submodule(p)) for p in module_paths), tensor_paths,
+            policy, cand.hidden_size, cand.intermediate_size, cand.stochastic, f"{cand.pattern}_mlp_{i}",
+        )
+        regions.append((cand, target))
+    return rewrite(gm, regions).graph_module
+
+
+def _install(module: nn.Module, state: _TileState) -> None:
+    state.previous_forward = module.__dict__.get("forward")
+    object.__setattr__(module, _STATE, state)
+    module.forward = types.MethodType(type(state.graph_module).forward, module)
+
+
+def _uninstall(module: nn.Module) -> None:
+    state: _TileState = module.__dict__.pop(_STATE)
+    bound = module.__dict__.get("forward")
+    if getattr(bound, "__func__", None) is not type(state.graph_module).forward:
+        raise RuntimeError(
+            f"fxtile: the forward of {type(module).__name__} was replaced after fxtile.transform; "
+            "remove that wrapper first, then call fxtile.restore"
+        )
+    if state.previous_forward is not None:
+        module.forward = state.previous_forward
+    else:
+        del module.forward
+
+
+def transform(model: nn.Module, shards: object = "auto", *, filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Tile every MLP region of ``model`` over tokens, in place; returns the same ``model`` object.
+
+    Why: on long sequences the MLP's ``tokens x intermediate`` activations dominate memory. The tiled
+    call runs the MLP on ``shards`` slices of the tokens, keeps none of their intermediates, and
+    recomputes one slice at a time in backward. Outputs and gradients equal the untouched model's.
+
+    ``shards`` is ``"auto"`` (see :class:`fxtile.ShardPolicy`), a positive int, or a ``ShardPolicy``.
+    Calling ``transform`` again is a no-op with the same ``shards`` and re-tiles with a new one.
+    Blocks that cannot be traced or matched are left as they are and listed by ``fxtile.find(model).skipped``.
+
+    Example: a Llama MLP's forward before and after::
+
+        gate_proj = self.gate_proj(x); silu = F.silu(gate_proj); up_proj = self.up_proj(x)
+        mul = silu * up_proj; down_proj = self.down_proj(mul); return down_proj
+        # after: one node, weights passed explicitly
+        fxtile_gated_mlp_0 = fxtile_gated_mlp_0(x, (self.gate_proj, self.up_proj, self.down_proj),
+            (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)); return fxtile_gated_mlp_0
+    """
+    _check_args(model, filter_fn)
+    policy = as_policy(shards)
+    plan = _plan(model, filter_fn)
+    for path, module in plan.tiled:  # idempotent: same policy keeps the tiling, a new one re-tiles
+        state: _TileState = getattr(module, _STATE)
+        if state.policy != policy:
+            _uninstall(module)
+            gm = trace(module).graph_module
+            assert gm is not None  # it traced before
+            plan.owners.append((path, module, gm, find_candidates(gm)[0]))
+    built = [(path, module, _tiled_forward(path, gm, cands, policy), cands) for path, module, gm, cands in plan.owners]
+    for path, module, gm, cands in built:  # install only once every rewrite succeeded
+        _install(module, _TileState(gm, [_to_match(path, c, policy) for c in cands], policy))
+    for skip in plan.skipped:
+        logger.info("fxtile: not tiling %s: %s", skip.path or type(model).__name__, skip.reason)
+    if not built and not plan.tiled:
+        warnings.warn(
+            f"fxtile.transform found no MLP to tile in {type(model).__name__}; "
+            "see fxtile.find(model).skipped for the blocks it looked at and why",
+            stacklevel=2,
+        )
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``transform`` everywhere in ``model``, in place; returns the same ``model`` object."""
+    _check_args(model, None)
+    for module in model.modules():
+        if isinstance(module.__dict__.get(_STATE), _TileState):
+            _uninstall(module)
+    return model

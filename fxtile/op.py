@@ -1,0 +1,210 @@
+"""The tiled operator: run an MLP region over row shards, keep no activations, recompute in backward.
+
+Why a ``torch.library.custom_op`` and not a plain ``autograd.Function``: under ``torch.compile`` a
+custom op stays one opaque node whose backward is ours, so the memory saving survives compilation
+(a traced ``autograd.Function`` gets inlined and its intermediates saved again). Inside a custom
+op's kernel autograd is off, so each shard's backward is ``torch.func.vjp`` of the region.
+
+The region's *structure* is a meta-device template (see ``passes.rewrite.meta_template``) found by
+an integer id; its *tensors* are explicit inputs. So:
+
+* every weight gets its gradient once per backward, summed over shards (DDP and FSDP see one
+  gradient, never one per shard), also when the input needs no gradient;
+* low-precision weight gradients are summed in fp32 and cast once;
+* the recompute runs under the forward's autocast state and replays the forward's RNG state, so
+  dropout masks and matmul precisions match the forward it differentiates;
+* a deep copy of the model shares the template (structure), never its weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.func import functional_call, vjp
+
+from .policy import ShardPolicy
+
+__all__ = ["TiledRegion", "register_template", "shard_bounds"]
+
+_TEMPLATES: list[tuple[fx.GraphModule, tuple[str, ...]]] = []  # id -> (meta template, tensor names)
+
+
+def register_template(template: fx.GraphModule, tensor_paths: tuple[str, ...]) -> int:
+    """Keep a region's meta template for the op's kernels; returns its id (templates hold no memory)."""
+    _TEMPLATES.append((template, tensor_paths))
+    return len(_TEMPLATES) - 1
+
+
+def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
+    """Exact, non-empty ``[lo, hi)`` row ranges (never assume ``torch.chunk`` returns ``shards`` pieces)."""
+    n = max(1, min(shards, rows))
+    return [(rows * i // n, rows * (i + 1) // n) for i in range(n)]
+
+
+def _run(region: int, training: bool, x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    template, names = _TEMPLATES[region]
+    template.train(training)
+    return functional_call(template, dict(zip(names, tensors)), (x,), tie_weights=False, strict=True)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _replayed_rng(device: torch.device, state: Optional[torch.Tensor]) -> Iterator[None]:
+    """Run the recompute from the forward's RNG state, then put the caller's RNG back."""
+    if state is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
+
+
+@torch.library.custom_op("fxtile::tiled_forward", mutates_args=())
+def tiled_forward(
+    x: torch.Tensor, tensors: list[torch.Tensor], region: int, shards: int, training: bool,
+    rng_state: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``region(x)`` computed shard by shard into one preallocated output (``rng_state`` is for backward)."""
+    out: Optional[torch.Tensor] = None
+    for lo, hi in shard_bounds(x.shape[0], shards):
+        y = _run(region, training, x[lo:hi], tensors)
+        if out is None:
+            out = y.new_empty((x.shape[0], *y.shape[1:]))
+        out[lo:hi] = y
+    assert out is not None
+    return out
+
+
+@tiled_forward.register_fake
+def _(x, tensors, region, shards, training, rng_state):
+    return _run(region, training, x, tensors)  # on fake tensors: shape and dtype only, no compute
+
+
+@torch.library.custom_op("fxtile::tiled_backward", mutates_args=())
+def tiled_backward(
+    grad: torch.Tensor, x: torch.Tensor, tensors: list[torch.Tensor], region: int, shards: int,
+    training: bool, rng_state: Optional[torch.Tensor], needs_grad: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients ``[d x, *d tensors]`` by recomputing each shard (empty tensors where not needed)."""
+    x_needs, t_needs = needs_grad[0], needs_grad[1:]
+    wanted = [i for i, need in enumerate(t_needs) if need]
+    grad_x = torch.empty_like(x) if x_needs else None
+    sums: dict[int, torch.Tensor] = {}
+    with _replayed_rng(x.device, rng_state):
+        for lo, hi in shard_bounds(x.shape[0], shards):
+            x_shard = x[lo:hi]
+
+            def shard_fn(*primals: torch.Tensor) -> torch.Tensor:
+                args = list(tensors)
+                for i, value in zip(wanted, primals[int(x_needs):]):
+                    args[i] = value
+                return _run(region, training, primals[0] if x_needs else x_shard, args)
+
+            primals = ([x_shard] if x_needs else []) + [tensors[i] for i in wanted]
+            _, pullback = vjp(shard_fn, *primals)
+            grads = pullback(grad[lo:hi])
+            if x_needs:
+                grad_x[lo:hi] = grads[0]
+            for i, g in zip(wanted, grads[int(x_needs):]):
+                if i not in sums:  # fp32 accumulator for low-precision weights: one rounding at the end
+                    sums[i] = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+                else:
+                    sums[i].add_(g)
+    empty = x.new_empty(0)
+    return [grad_x if grad_x is not None else empty] + [
+        sums[i].to(t.dtype) if i in sums else empty for i, t in enumerate(tensors)
+    ]
+
+
+@tiled_backward.register_fake
+def _(grad, x, tensors, region, shards, training, rng_state, needs_grad):
+    empty = x.new_empty(0)
+    return [torch.empty_like(x) if needs_grad[0] else empty] + [
+        torch.empty_like(t) if need else empty for t, need in zip(tensors, needs_grad[1:])
+    ]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, tensors, region, shards, training, rng_state = inputs
+    ctx.save_for_backward(x, *tensors)
+    ctx.rng_state = rng_state
+    ctx.args = (region, shards, training)
+    ctx.needs_grad = [x.requires_grad] + [t.requires_grad for t in tensors]
+    device = x.device.type
+    ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+
+def _backward(ctx, grad):
+    x, *tensors = ctx.saved_tensors
+    region, shards, training = ctx.args
+    device, enabled, dtype = ctx.autocast
+    with torch.autocast(device, dtype=dtype, enabled=enabled):
+        grads = tiled_backward(grad, x, tensors, region, shards, training, ctx.rng_state, ctx.needs_grad)
+    needs = ctx.needs_grad
+    return (
+        grads[0] if needs[0] else None,
+        [g if need else None for g, need in zip(grads[1:], needs[1:])],
+        None, None, None, None,
+    )
+
+
+tiled_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class TiledRegion:
+    """The callable an fx call node targets in place of a matched MLP region.
+
+    ``region(x, modules, tensors)`` flattens every leading dim of ``x`` into rows (any batch size),
+    picks the shard count from its :class:`ShardPolicy`, and calls the tiled op, or the region
+    directly when that count is 1 (short inputs keep the untiled speed).
+    """
+
+    def __init__(
+        self, template_id: int, module_paths: tuple[str, ...], module_types: tuple[type, ...],
+        tensor_paths: tuple[str, ...], policy: ShardPolicy, hidden_size: int, intermediate_size: int,
+        stochastic: bool, label: str,
+    ) -> None:
+        self.template_id = template_id
+        self.module_paths, self.module_types, self.tensor_paths = module_paths, module_types, tensor_paths
+        self.policy, self.hidden_size, self.intermediate_size = policy, hidden_size, intermediate_size
+        self.stochastic = stochastic
+        self.__name__ = self.__qualname__ = f"fxtile_{label}"  # how the generated forward names it
+        self.__module__ = __name__
+
+    def __repr__(self) -> str:
+        return f"{self.__name__}(shards={self.policy.describe()})"
+
+    def shards_for(self, rows: int) -> int:
+        return self.policy.count(rows, self.hidden_size, self.intermediate_size)
+
+    def __call__(self, x: torch.Tensor, modules: Sequence[nn.Module], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        for path, module, expected in zip(self.module_paths, modules, self.module_types):
+            if type(module) is not expected:
+                raise RuntimeError(
+                    f"fxtile: submodule {path!r} is now {type(module).__name__}, but was {expected.__name__} when "
+                    "it was tiled; call fxtile.restore(model) and then fxtile.transform(model) again after "
+                    "replacing submodules (e.g. apply PEFT before fxtile)"
+                )
+        training = any(m.training for m in modules)
+        rows = x.reshape(-1, x.shape[-1])
+        shards = self.shards_for(rows.shape[0])
+        if shards == 1:
+            out = _run(self.template_id, training, rows, tensors)
+        else:
+            needs_rng = self.stochastic and training and torch.is_grad_enabled()
+            rng = _rng_state(x.device) if needs_rng else None
+            out = tiled_forward(rows, list(tensors), self.template_id, shards, training, rng)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
