@@ -14,7 +14,7 @@ import logging
 import types
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Iterator, Optional
 
 import torch.fx as fx
 from torch import nn
@@ -47,7 +47,7 @@ class Match:
 
     path: str
     pattern: str
-    roles: Mapping[str, str]
+    roles: dict[str, str]
     activation: str
     hidden_size: int
     intermediate_size: int
@@ -77,6 +77,7 @@ class _TileState:
     graph_module: fx.GraphModule
     matches: list[Match]
     policy: ShardPolicy
+    forward_fn: Callable  # the rewritten forward (a deepcopy shares it: functions copy by reference)
     previous_forward: Optional[Callable] = None  # an instance-level forward we replaced (e.g. a hook wrapper)
 
 
@@ -95,6 +96,14 @@ def _linear_leaves(module: nn.Module) -> Iterator[nn.Module]:
         yield from _linear_leaves(child)
 
 
+def _projections(module: nn.Module) -> int:
+    """Linear-like leaves plus bare 2-D parameters (``F.linear`` on raw weights): what an MLP needs two of."""
+    if is_linear_like(module):
+        return 1
+    bare = sum(1 for p in module.parameters(recurse=False) if p.dim() == 2)
+    return bare + sum(_projections(child) for child in module.children())
+
+
 def _looks_like_mlp(module: nn.Module) -> bool:
     """An expanding projection (h -> i, i > h) and one contracting back (i or i/2 -> h): worth reporting."""
     dims = [linear_dims(m) for m in _linear_leaves(module)]
@@ -103,7 +112,7 @@ def _looks_like_mlp(module: nn.Module) -> bool:
 
 def _to_match(path: str, cand: Candidate, policy: Optional[ShardPolicy]) -> Match:
     return Match(
-        path=path, pattern=cand.pattern, roles=types.MappingProxyType(dict(cand.roles)),
+        path=path, pattern=cand.pattern, roles=dict(cand.roles),
         activation=cand.activation, hidden_size=cand.hidden_size, intermediate_size=cand.intermediate_size,
         nodes=tuple(n.name for n in cand.nodes), tiled=policy is not None,
         shards=policy.describe() if policy is not None else None,
@@ -114,27 +123,37 @@ def _plan(model: nn.Module, filter_fn: Optional[FilterFn]) -> _Plan:
     plan = _Plan()
 
     def visit(path: str, module: nn.Module) -> bool:
-        """Plan ``module``; True if it or a descendant holds a (found or already tiled) MLP."""
-        if isinstance(getattr(module, _STATE, None), _TileState):
+        """Plan ``module`` innermost-first; True if it or a descendant holds a found or tiled MLP.
+
+        Innermost-first makes each match's path the smallest block holding it (``layers.0.mlp``,
+        not the whole model), which is what ``filter_fn`` and the report name.
+        """
+        if isinstance(module.__dict__.get(_STATE), _TileState):
             plan.tiled.append((path, module))
             return True
-        if is_linear_like(module) or sum(1 for _ in _linear_leaves(module)) < 2:
+        if is_linear_like(module) or _projections(module) < 2:
             return False
-        allowed = filter_fn is None or filter_fn(module, path)
-        result = trace(module) if allowed and not isinstance(module, (nn.ModuleList, nn.ModuleDict)) else None
-        if result is not None and result.graph_module is not None:
-            candidates, rejections = find_candidates(result.graph_module)
-            if candidates:
-                plan.owners.append((path, module, result.graph_module, candidates))
-                return True
-            plan.skipped += [Skipped(path, f"MLP-shaped nodes {', '.join(r.nodes)}: {r.reason}") for r in rejections]
-            return False
+        reported = len(plan.skipped)
         found = False
         for name, child in module.named_children():
             found |= visit(f"{path}.{name}" if path else name, child)
-        if not found and result is not None and _looks_like_mlp(module):
-            plan.skipped.append(Skipped(path, result.reason or "not traced"))
-        return found
+        if found or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            return found
+        if filter_fn is not None and not filter_fn(module, path):
+            return False
+        result = trace(module)
+        quiet = len(plan.skipped) > reported  # a descendant already said why: do not repeat it
+        if result.graph_module is None:
+            if not quiet and _looks_like_mlp(module):
+                plan.skipped.append(Skipped(path, result.reason or "not traced"))
+            return False
+        candidates, rejections = find_candidates(result.graph_module)
+        if candidates:
+            plan.owners.append((path, module, result.graph_module, candidates))
+            return True
+        if not quiet:
+            plan.skipped += [Skipped(path, f"MLP-shaped nodes {', '.join(r.nodes)}: {r.reason}") for r in rejections]
+        return False
 
     visit("", model)
     return plan
@@ -143,8 +162,8 @@ def _plan(model: nn.Module, filter_fn: Optional[FilterFn]) -> _Plan:
 def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None) -> Matches:
     """Dry run: the MLP regions ``transform`` would tile (or has tiled), without changing ``model``.
 
-    ``filter_fn(module, fqn) -> bool`` limits the blocks considered (a block it refuses is opened up
-    and its children are asked). The result's ``.skipped`` lists blocks that look like MLPs but were
+    ``filter_fn(module, fqn) -> bool`` is asked before a block is traced (innermost blocks first; a
+    block with a matched descendant is not traced itself). The result's ``.skipped`` lists blocks that look like MLPs but were
     not matched, each with the reason.
     """
     _check_args(model, filter_fn)
@@ -178,13 +197,13 @@ def _tiled_forward(path: str, gm: fx.GraphModule, candidates: list[Candidate], p
 def _install(module: nn.Module, state: _TileState) -> None:
     state.previous_forward = module.__dict__.get("forward")
     object.__setattr__(module, _STATE, state)
-    module.forward = types.MethodType(type(state.graph_module).forward, module)
+    module.forward = types.MethodType(state.forward_fn, module)
 
 
 def _uninstall(module: nn.Module) -> None:
     state: _TileState = module.__dict__.pop(_STATE)
     bound = module.__dict__.get("forward")
-    if getattr(bound, "__func__", None) is not type(state.graph_module).forward:
+    if getattr(bound, "__func__", None) is not state.forward_fn:
         raise RuntimeError(
             f"fxtile: the forward of {type(module).__name__} was replaced after fxtile.transform; "
             "remove that wrapper first, then call fxtile.restore"
@@ -226,7 +245,7 @@ def transform(model: nn.Module, shards: object = "auto", *, filter_fn: Optional[
             plan.owners.append((path, module, gm, find_candidates(gm)[0]))
     built = [(path, module, _tiled_forward(path, gm, cands, policy), cands) for path, module, gm, cands in plan.owners]
     for path, module, gm, cands in built:  # install only once every rewrite succeeded
-        _install(module, _TileState(gm, [_to_match(path, c, policy) for c in cands], policy))
+        _install(module, _TileState(gm, [_to_match(path, c, policy) for c in cands], policy, type(gm).forward))
     for skip in plan.skipped:
         logger.info("fxtile: not tiling %s: %s", skip.path or type(model).__name__, skip.reason)
     if not built and not plan.tiled:

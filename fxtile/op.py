@@ -123,17 +123,15 @@ def tiled_backward(
                     sums[i] = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
                 else:
                     sums[i].add_(g)
-    empty = x.new_empty(0)
-    return [grad_x if grad_x is not None else empty] + [
-        sums[i].to(t.dtype) if i in sums else empty for i, t in enumerate(tensors)
+    return [grad_x if grad_x is not None else x.new_empty(0)] + [  # fresh empties: outputs may not alias
+        sums[i].to(t.dtype) if i in sums else x.new_empty(0) for i, t in enumerate(tensors)
     ]
 
 
 @tiled_backward.register_fake
 def _(grad, x, tensors, region, shards, training, rng_state, needs_grad):
-    empty = x.new_empty(0)
-    return [torch.empty_like(x) if needs_grad[0] else empty] + [
-        torch.empty_like(t) if need else empty for t, need in zip(tensors, needs_grad[1:])
+    return [torch.empty_like(x) if needs_grad[0] else x.new_empty(0)] + [
+        torch.empty_like(t) if need else x.new_empty(0) for t, need in zip(tensors, needs_grad[1:])
     ]
 
 

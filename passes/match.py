@@ -13,7 +13,8 @@ How (in named steps, like ``torch.fx``'s ``SubgraphMatcher``):
 3. **Filters**, each recording why it rejected: the projections must read one input, nothing inside
    may be used outside the region (so one call can replace it, and no cycle can appear once fused:
    the region then has one activation input and one output), the input's rows must be tokens (no
-   transpose on the way in), and matches must not overlap.
+   transpose on the way in), no module inside may hold buffers (a recompute would update them
+   twice), and matches must not overlap.
 
 Only token-wise ops can be labelled into a region (see :mod:`passes.pointwise`), which is why tiling
 a matched region over its input rows is exact.
@@ -337,7 +338,7 @@ def _build(gm: fx.GraphModule, labels: _Labels, name: str, inst: dict[str, fx.No
 # 3. Filters: each returns a reason to reject, or None.
 
 
-def _not_contained(cand: Candidate) -> str | None:
+def _not_contained(gm: fx.GraphModule, cand: Candidate) -> str | None:
     inside = set(cand.nodes)
     for node in cand.nodes[:-1]:
         outside = [u.name for u in node.users if u not in inside]
@@ -346,7 +347,7 @@ def _not_contained(cand: Candidate) -> str | None:
     return None
 
 
-def _rows_not_tokens(cand: Candidate) -> str | None:
+def _rows_not_tokens(gm: fx.GraphModule, cand: Candidate) -> str | None:
     stack, seen = [cand.input], set()
     while stack:
         node = stack.pop()
@@ -359,7 +360,14 @@ def _rows_not_tokens(cand: Candidate) -> str | None:
     return None
 
 
-FILTERS = (_not_contained, _rows_not_tokens)
+def _stateful(gm: fx.GraphModule, cand: Candidate) -> str | None:
+    for node in cand.nodes:
+        if node.op == "call_module" and any(True for _ in gm.get_submodule(str(node.target)).buffers()):
+            return f"{node.target} holds buffers, which its forward may update; a recompute would update them again"
+    return None
+
+
+FILTERS = (_not_contained, _rows_not_tokens, _stateful)
 
 
 def find_candidates(gm: fx.GraphModule) -> tuple[list[Candidate], list[Rejection]]:
@@ -375,7 +383,7 @@ def find_candidates(gm: fx.GraphModule) -> tuple[list[Candidate], list[Rejection
         for inst in _instances(graph, pattern):
             built = _build(gm, labels, name, inst)
             if isinstance(built, Candidate):
-                reason = next((r for f in FILTERS if (r := f(built))), None)
+                reason = next((r for f in FILTERS if (r := f(gm, built))), None)
                 if reason is None:
                     accepted.append(built)
                     continue

@@ -100,10 +100,29 @@ def trace(module: nn.Module) -> TraceResult:
     required = [p for p in params if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(required) != 1:
         return TraceResult(None, f"forward takes {len(required)} required arguments; fxtile traces blocks with one input")
+    first = _trace_once(module)
+    if isinstance(first, str):
+        return TraceResult(None, first)
+    modes = {m: m.training for m in module.modules()}
+    try:  # fx bakes `self.training` into the graph: a mode-dependent trace cannot serve both modes
+        module.train(not module.training)
+        other = _trace_once(module)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if isinstance(other, str) or other.code != first.code:
+        return TraceResult(
+            None, "its traced code depends on self.training (e.g. F.dropout(..., training=self.training)), "
+            "so one graph cannot serve both train and eval mode; use nn.Dropout modules instead"
+        )
+    return TraceResult(first)
+
+
+def _trace_once(module: nn.Module) -> fx.GraphModule | str:
     tracer = LeafTracer()
     try:
         graph = tracer.trace(module, concrete_args=_concrete_args(module))
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported, not raised
         first_line = (str(exc).strip().splitlines() or [""])[0]
-        return TraceResult(None, f"could not be traced by torch.fx: {type(exc).__name__}: {first_line[:200]}")
-    return TraceResult(fx.GraphModule(tracer.root, graph, module.__class__.__name__))
+        return f"could not be traced by torch.fx: {type(exc).__name__}: {first_line[:200]}"
+    return fx.GraphModule(tracer.root, graph, module.__class__.__name__)

@@ -1,0 +1,211 @@
+"""Invariants 2-4: nothing lost, reversible, idempotent, no silent failure, safe by construction."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import fxtile
+import fxtile.op as op
+import modules as M
+from helpers import assert_same_outputs_and_grads, tiled_copy, tiny_causal_lm
+
+
+def test_parameters_state_dict_names_and_hooks_are_unchanged():
+    model = tiny_causal_lm("llama")
+    params_before = {n: p for n, p in model.named_parameters()}
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    names_before = [n for n, _ in model.named_modules()]
+    fired = []
+    model.model.layers[0].mlp.register_forward_hook(lambda *a: fired.append("hook"))
+    assert fxtile.transform(model, shards=2) is model
+    assert {n: p for n, p in model.named_parameters()} == params_before
+    assert all(a is b for a, b in zip(model.parameters(), params_before.values()))
+    after = model.state_dict()
+    assert list(after) == list(state_before)
+    assert all(torch.equal(after[k], v) for k, v in state_before.items())
+    assert [n for n, _ in model.named_modules()] == names_before
+    model(torch.randint(0, 97, (1, 5)))
+    assert fired == ["hook"]
+
+
+def test_the_tiled_path_really_runs(monkeypatch):
+    model = tiled_copy(M.Odd(), shards=3)
+    calls = []
+    real = op._run
+    monkeypatch.setattr(op, "_run", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    model(torch.randn(2, 5, 12, requires_grad=True)).sum().backward()
+    assert calls == [3, 3, 4, 3, 3, 4], "3 forward shards of 10 rows, then 3 recomputed shards"
+
+
+def test_transform_twice_is_transform_once():
+    model = tiled_copy(M.Stack(), shards=2)
+    code = {n: m._fxtile.graph_module.code for n, m in model.named_modules() if hasattr(m, "_fxtile")}
+    before = fxtile.find(model)
+    assert fxtile.transform(model, shards=2) is model
+    assert fxtile.find(model) == before
+    assert {n: m._fxtile.graph_module.code for n, m in model.named_modules() if hasattr(m, "_fxtile")} == code
+
+
+def test_transform_again_with_new_shards_retiles():
+    model = tiled_copy(M.Odd(), shards=2)
+    fxtile.transform(model, shards=5)
+    assert [m.shards for m in fxtile.find(model)] == ["5"]
+    reference = M.Odd()
+    reference.load_state_dict(model.state_dict())
+    assert_same_outputs_and_grads(reference, model, torch.randn(2, 5, 12, requires_grad=True))
+
+
+def test_restore_brings_back_the_original_forward_exactly():
+    model = M.Stack()
+    reference = copy.deepcopy(model)
+    fxtile.transform(model, shards=3)
+    assert any(m.tiled for m in fxtile.find(model))
+    assert fxtile.restore(model) is model
+    assert not any("forward" in m.__dict__ or "_fxtile" in m.__dict__ for m in model.modules())
+    assert all(not m.tiled for m in fxtile.find(model)) and len(fxtile.find(model)) == 3
+    x = torch.randn(2, 5, 12)
+    assert torch.equal(model(x), reference(x))
+    for (n, p), (m, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert n == m and torch.equal(p, q)
+    assert fxtile.restore(model) is model  # restoring an untiled model is a no-op
+
+
+def test_find_is_a_dry_run():
+    model = M.Stack()
+    matches = fxtile.find(model)
+    assert len(matches) == 3 and not any(m.tiled for m in matches)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_a_model_without_mlps_is_left_alone_with_a_warning():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Softmax(-1), torch.nn.Linear(4, 4))
+    assert fxtile.find(model) == []
+    with pytest.warns(UserWarning, match="found no MLP"):
+        fxtile.transform(model)
+    assert "forward" not in model.__dict__
+
+
+class Mixed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.branchy, self.fine = M.Branchy(), M.Odd()
+
+    def forward(self, z):
+        return self.fine(self.branchy(z))
+
+
+def test_an_untraceable_block_is_reported_and_the_rest_is_still_tiled():
+    model = Mixed()
+    found = fxtile.find(model)
+    assert [m.path for m in found] == ["fine"]
+    (skip,) = found.skipped
+    assert skip.path == "branchy" and "could not be traced" in skip.reason and "TraceError" in skip.reason
+    tiled = tiled_copy(model, shards=3)
+    assert_same_outputs_and_grads(model, tiled, torch.randn(2, 4, 12).abs().requires_grad_())
+
+
+@pytest.mark.parametrize(
+    "cls, reason",
+    [
+        (M.TokenMixer, "transpose"),
+        (M.Leaky, "also used outside the MLP"),
+        (M.Stateful, "holds buffers"),
+    ],
+)
+def test_unsafe_blocks_are_never_tiled_and_say_why(cls, reason):
+    model = cls()
+    found = fxtile.find(model)
+    assert found == []
+    assert any(reason in s.reason for s in found.skipped), found.skipped
+    with pytest.warns(UserWarning, match="found no MLP"):
+        fxtile.transform(model)
+    assert "forward" not in model.__dict__
+
+
+def test_mode_dependent_trace_is_reported():
+    class DropF(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+        def forward(self, z):
+            return self.b(torch.nn.functional.dropout(torch.relu(self.a(z)), 0.1, self.training))
+
+    found = fxtile.find(DropF())
+    assert found == [] and "depends on self.training" in found.skipped[0].reason
+
+
+def test_filter_fn_selects_blocks_by_name():
+    model = M.Stack()
+    fxtile.transform(model, shards=2, filter_fn=lambda module, fqn: fqn != "tail")
+    assert sorted(m.path for m in fxtile.find(model) if m.tiled) == ["blocks.0.ffwd", "blocks.1.ffwd"]
+
+
+def test_deepcopy_of_a_tiled_model_is_independent_and_exact():
+    model = tiled_copy(M.Residual(), shards=3)
+    clone = copy.deepcopy(model)
+    assert clone.ffwd.wa.weight is not model.ffwd.wa.weight
+    assert [m.tiled for m in fxtile.find(clone)] == [True]
+    x = torch.randn(2, 5, 12)
+    clone(x).sum().backward()
+    assert model.ffwd.wa.weight.grad is None and clone.ffwd.wa.weight.grad is not None
+    fxtile.restore(clone)
+    assert [m.tiled for m in fxtile.find(model)] == [True]
+
+
+def test_state_dict_round_trip_and_save_pretrained(tmp_path):
+    import transformers as T
+
+    model = tiny_causal_lm("llama")
+    tiled = tiled_copy(model, shards=2)
+    tiled.save_pretrained(tmp_path)
+    loaded = T.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 97, (1, 6))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    buffer = io.BytesIO()
+    torch.save(tiled.state_dict(), buffer)
+    buffer.seek(0)
+    model.load_state_dict(torch.load(buffer))
+
+
+def test_generate_works_on_a_tiled_model():
+    model = tiny_causal_lm("llama")
+    tiled = tiled_copy(model, shards=2)
+    prompt = torch.randint(1, 97, (2, 5))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(tiled.generate(prompt, **kwargs), model.generate(prompt, **kwargs))
+
+
+def test_gradient_checkpointing_stays_exact():
+    model = tiny_causal_lm("qwen2").train()
+    model.gradient_checkpointing_enable()
+    tiled = tiled_copy(model, shards=3)
+    ids = torch.randint(0, 97, (2, 9))
+    assert_same_outputs_and_grads(model, tiled, ids, out_fn=lambda o: o.logits, atol=2e-5, rtol=1e-4)
+
+
+def test_peft_lora_projections_keep_exact_lora_grads():
+    peft = pytest.importorskip("peft")
+    model = tiny_causal_lm("llama")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.0)
+    lora = peft.get_peft_model(model, config)
+    for n, p in lora.named_parameters():  # non-zero B so LoRA contributes to the output
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    tiled = tiled_copy(lora, shards=3)
+    assert all(m.tiled for m in fxtile.find(tiled)) and len(fxtile.find(tiled)) == 2
+    ids = torch.randint(0, 97, (2, 7))
+    assert_same_outputs_and_grads(lora, tiled, ids, out_fn=lambda o: o.logits, atol=2e-5, rtol=1e-4)
+    trainable = [n for n, p in tiled.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_replacing_a_tiled_submodule_fails_loudly():
+    model = tiled_copy(M.Odd(), shards=2)
+    model.wa = M.MyLinear(12, 28)
+    with pytest.raises(RuntimeError, match="'wa' is now MyLinear.*fxtile.restore"):
+        model(torch.randn(1, 3, 12))
