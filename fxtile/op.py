@@ -19,24 +19,43 @@ an integer id; its *tensors* are explicit inputs. So:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.func import functional_call, vjp
 
+from . import linear_mlp
 from .policy import ShardPolicy
 
 __all__ = ["TiledRegion", "register_template", "shard_bounds"]
 
-_TEMPLATES: list[tuple[fx.GraphModule, tuple[str, ...]]] = []  # id -> (meta template, tensor names)
+
+class _Region(NamedTuple):
+    template: fx.GraphModule  # the region's structure, tensors on the meta device
+    names: tuple[str, ...]  # the template's tensor names, in the op's tensor-list order
+    fast: Optional[linear_mlp.LinearMLP]  # explicit-matmul plan, when the region has that shape
+
+
+_TEMPLATES: list[_Region] = []  # id -> region; templates hold no memory, so they are never freed
 
 
 def register_template(template: fx.GraphModule, tensor_paths: tuple[str, ...]) -> int:
-    """Keep a region's meta template for the op's kernels; returns its id (templates hold no memory)."""
-    _TEMPLATES.append((template, tensor_paths))
+    """Keep a region's meta template (and its fast-path plan, if any) for the op's kernels; returns its id."""
+    placeholders = sum(1 for n in template.graph.nodes if n.op == "placeholder")
+    fast = linear_mlp.plan(template, tensor_paths) if placeholders == 1 else None
+    _TEMPLATES.append(_Region(template, tensor_paths, fast))
     return len(_TEMPLATES) - 1
+
+
+def fast_plan(region: int, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> Optional[linear_mlp.LinearMLP]:
+    """The explicit-matmul plan when it applies to this call: plain dtypes (autocast and mixed dtypes
+    take the generic kernel, which follows autocast's casting rules op by op)."""
+    fast = _TEMPLATES[region].fast
+    if fast is None or torch.is_autocast_enabled(rows[0].device.type):
+        return None
+    return fast if all(t.dtype == rows[0].dtype for t in tensors) else None
 
 
 def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
@@ -46,7 +65,7 @@ def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
 
 
 def _run(region: int, training: bool, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    template, names = _TEMPLATES[region]
+    template, names, _ = _TEMPLATES[region]
     template.train(training)
     return functional_call(template, dict(zip(names, tensors)), tuple(rows), tie_weights=False, strict=True)
 
@@ -82,6 +101,13 @@ def tiled_forward(
     ``rows`` are the region's activation inputs, aligned on dim 0 (one row per token); every one is
     split at the same row bounds.
     """
+    fast = fast_plan(region, rows, tensors)
+    if fast is not None:
+        x, down = rows[0], tensors[fast.down.weight]
+        out = x.new_empty((x.shape[0], down.shape[1] if fast.down.transposed else down.shape[0]))
+        for lo, hi in shard_bounds(x.shape[0], shards):
+            linear_mlp.forward_shard(fast, x[lo:hi], tensors, out[lo:hi])
+        return out
     out: Optional[torch.Tensor] = None
     for lo, hi in shard_bounds(rows[0].shape[0], shards):
         y = _run(region, training, [r[lo:hi] for r in rows], tensors)
@@ -104,10 +130,22 @@ def tiled_backward(
 ) -> list[torch.Tensor]:
     """Gradients ``[*d rows, *d tensors]`` by recomputing each shard (empty tensors where not needed)."""
     inputs = [*rows, *tensors]
+    fast = fast_plan(region, rows, tensors)
+    if fast is not None:
+        x = rows[0]
+        grad_x = torch.empty_like(x) if needs_grad[0] else None
+        sums: dict[int, torch.Tensor] = {}
+        for lo, hi in shard_bounds(x.shape[0], shards):
+            shard_grad_x = grad_x[lo:hi] if grad_x is not None else None
+            linear_mlp.backward_shard(fast, x[lo:hi], grad[lo:hi], tensors, needs_grad[1:], sums, shard_grad_x)
+        grads = {i + 1: s.to(tensors[i].dtype) for i, s in sums.items()}
+        if grad_x is not None:
+            grads[0] = grad_x
+        return [grads[i] if i in grads else x.new_empty(0) for i in range(len(inputs))]
     wanted = [i for i, need in enumerate(needs_grad) if need]
     n_rows = len(rows)
     row_grads = {i: torch.empty_like(rows[i]) for i in wanted if i < n_rows}
-    sums: dict[int, torch.Tensor] = {}
+    sums = {}
     with _replayed_rng(rows[0].device, rng_state):
         for lo, hi in shard_bounds(rows[0].shape[0], shards):
             shard = [r[lo:hi] for r in rows] + list(tensors)
