@@ -204,7 +204,11 @@ def main() -> None:
     timeout = datetime.timedelta(seconds=args.pg_timeout)
     if any(setup.startswith("zero") for setup, _ in jobs):
         import deepspeed
+        import deepspeed.ops
 
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel when it starts (g++,
+        # tens of seconds on a fresh machine); gloo does all the communication these tests need.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
