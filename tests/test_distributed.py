@@ -3,7 +3,7 @@
 One ``torchrun`` launch of 2 CPU processes (gloo) runs every job of ``tests/dist/worker.py``: one SGD
 step (lr 1.0, no clipping) of a tiny transformers Llama tiled by ``fxtile.transform``, each rank with
 its own batch. Each test then compares the updated parameters with a single-process *untiled* step
-over both ranks' batches (``tests/dist/common.py``). Cases:
+over both ranks' batches (``tests/dist/dist_common.py``). Cases:
 
 * ``equal``: both ranks 12 tokens per sequence, ``shards=3`` (the issue's setup);
 * ``ragged``: 9 and 17 tokens in the same step, so the ranks tile into 3 and 5 shards: fxtile's rule
@@ -34,7 +34,7 @@ import fxtile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
-import common  # noqa: E402
+import dist_common as common  # noqa: E402  (tests/dist/dist_common.py: model, cases, batches, reference)
 
 SETUPS = ["ddp", "fsdp2", "fsdp1", "zero1", "zero2", "zero3"]
 SHARDED = {"fsdp2", "fsdp1", "zero3"}  # the MLP weights are split across ranks between steps

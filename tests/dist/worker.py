@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (tests/dist/common.py: model, batches, cases shared with the test)
+import dist_common as common  # noqa: E402  (tests/dist/dist_common.py: model, cases, batches, reference)
 
 import fxtile  # noqa: E402
 from fxtile.op import TiledRegion  # noqa: E402
@@ -46,9 +46,10 @@ class Trained:
 
 
 def _clean(name: str) -> str:
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "module."):
+    """The parameter's name in the unwrapped model (FSDP1 and DDP/DeepSpeed add wrapper prefixes)."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
         name = name.replace(wrapper, "")
-    return name
+    return name.removeprefix("module.")
 
 
 def _sgd(params) -> torch.optim.Optimizer:
@@ -112,10 +113,9 @@ def setup_fsdp1(case: common.Case) -> Trained:
 
 def _setup_zero(stage: int, case: common.Case, late: bool = False) -> Trained:
     import deepspeed
-
-    config = common.deepspeed_config(stage)
     import transformers.models.llama.modeling_llama  # noqa: F401  (importing it inside zero.Init breaks dynamo)
 
+    config = common.deepspeed_config(stage)
     if stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=config):
             model = common.build_model()
