@@ -75,7 +75,17 @@ def meta_template(region: fx.GraphModule, tensor_paths: tuple[str, ...]) -> fx.G
     for path in tensor_paths:
         value = _get(region, path)
         memo[id(value)] = torch.empty_like(value, device="meta")
-    return copy.deepcopy(region, memo)
+    template = copy.deepcopy(region, memo)
+    for module in template.modules():  # hooks belong to the live modules (DeepSpeed ZeRO-3, FSDP, accelerate
+        for hooks in _MODULE_HOOKS:  # offload, user hooks): a template copy must never run them per shard
+            getattr(module, hooks).clear()
+    return template
+
+
+_MODULE_HOOKS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks",
+)
 
 
 def _get(root: torch.nn.Module, path: str) -> torch.Tensor:
