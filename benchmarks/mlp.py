@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,12 +28,39 @@ IMPLS = ("untiled", "fxtile", "deepspeed")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _peak_bytes(device: str) -> int:
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+
+def _reset_peak(device: str) -> int:
+    """Forget the process's peak so far; returns the current (baseline) bytes."""
     import torch
 
     if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak resident set (VmHWM)
+        f.write("5")
+    return _rss_kib("VmRSS") * 1024
+
+
+def _peak(device: str) -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024
+
+
+def _measure(step, device: str, repeats: int) -> dict:
+    """Warm up with one full step (imports, compilation, allocator growth belong to the process, not to
+    the step), reset the peak, then measure one step's peak and the median time of ``repeats`` more."""
+    step()
+    step.clear()
+    base = _reset_peak(device)
+    first = step()
+    peak = _peak(device) - base
+    times = [step() for _ in range(repeats)]
+    return {"peak": peak, "time": statistics.median(times) if times else first}
 
 
 def _gated_mlp(hidden: int, inter: int, dtype, device: str):
@@ -91,6 +117,9 @@ def worker(args: argparse.Namespace) -> dict:
     module = _wrap(args.impl, _gated_mlp(args.hidden, args.inter, dtype, device), args.seq, args.hidden, args.shards)
     shape = (args.batch, args.seq, args.hidden)
 
+    if args.compile:
+        module = torch.compile(module, fullgraph=True)
+
     def step(shape=shape) -> float:
         for p in module.parameters():
             p.grad = None
@@ -107,20 +136,11 @@ def worker(args: argparse.Namespace) -> dict:
         step.x_grad = x.grad
         return elapsed
 
-    # Warm up on a few tokens first: one-time costs (the first custom-op call imports torch._dynamo,
-    # ~70 MiB of Python objects) belong to the process, not to the step being measured.
-    step((args.batch, 8, args.hidden))
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    first = step()
-    peak = _peak_bytes(device) - base
-    times = [first] + [step() for _ in range(args.repeats)]
+    step.clear = lambda: [setattr(p, "grad", None) for p in module.parameters()] and setattr(step, "x_grad", None)
+    result = _measure(step, device, args.repeats)
     if args.grads:
         torch.save({"x": step.x_grad.cpu(), **{n: p.grad.cpu() for n, p in module.named_parameters()}}, args.grads)
-    return {"peak": peak, "time": statistics.median(times[1:]) if args.repeats else first}
+    return result
 
 
 def model_worker(args: argparse.Namespace) -> dict:
@@ -141,18 +161,14 @@ def model_worker(args: argparse.Namespace) -> dict:
         fxtile.transform(model, shards=args.shards if args.shards == "auto" else int(args.shards))
     ids = torch.randint(0, 1024, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
 
-    def step(batch=ids) -> float:
+    def step() -> float:
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        model(batch, labels=batch).loss.backward()
+        model(ids, labels=ids).loss.backward()
         return time.perf_counter() - start
 
-    step(ids[:, :8])  # warm-up: one-time costs are the process's, not the step's
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    first = step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = [first] + [step() for _ in range(args.repeats)]
-    return {"peak": peak, "time": statistics.median(times[1:]) if args.repeats else first}
+    step.clear = lambda: model.zero_grad(set_to_none=True)
+    return _measure(step, "cpu", args.repeats)
 
 
 def _run_worker(impl: str, args: argparse.Namespace, grads: str | None, measure: str) -> dict:
@@ -160,6 +176,7 @@ def _run_worker(impl: str, args: argparse.Namespace, grads: str | None, measure:
            "--inter", str(args.inter), "--dtype", args.dtype, "--batch", str(args.batch), "--repeats",
            str(args.repeats), "--shards", args.shards, "--device", args.device]
     cmd += ["--model"] if args.model else []
+    cmd += ["--compile"] if args.compile else []
     cmd += ["--grads", grads] if grads else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH")])))
     if measure == "memory" and args.device == "cpu":
@@ -196,6 +213,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per implementation")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per process after the first")
     parser.add_argument("--model", action="store_true", help="whole tiny Llama with gradient checkpointing")
+    parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) untiled and fxtile")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--grads", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,7 +222,7 @@ def main() -> None:
         print(json.dumps(model_worker(args) if args.model else worker(args)))
         return
 
-    impls = ("untiled", "fxtile") if args.model else IMPLS
+    impls = ("untiled", "fxtile") if args.model or args.compile else IMPLS
     results: dict[str, list[dict]] = {i: [] for i in impls}
     with tempfile.TemporaryDirectory() as tmp:
         grads = {i: os.path.join(tmp, f"{i}.pt") for i in impls}
@@ -215,18 +233,21 @@ def main() -> None:
                 timing = _run_worker(impl, args, None, "time")
                 results[impl].append({"peak": memory["peak"], "time": timing["time"]})
         diffs = {} if args.model else {i: _max_grad_diff(grads["untiled"], grads[i]) for i in impls[1:]}
+    with_ds = "deepspeed" in impls
 
     mib = 2**20
     bytes_per = {"fp32": 4, "bf16": 2, "fp16": 2}[args.dtype]
     floor = 4 * args.batch * args.seq * args.hidden * bytes_per
     med = {i: {k: statistics.median(r[k] for r in results[i]) for k in ("peak", "time")} for i in impls}
     what = "tiny Llama, 2 layers, gradient checkpointing" if args.model else "gated MLP"
+    what += ", torch.compile(fullgraph=True)" if args.compile else ""
     print(f"{what}: batch={args.batch} S={args.seq} H={args.hidden} I={args.inter} {args.dtype} on {args.device}, "
           f"median of {args.rounds} fresh processes" + ("" if args.model else f"; floor 4*S*H*bytes = {floor / mib:.0f} MiB"))
     head = f"| {'impl':<10} | {'time (s)':>8} | {'peak (MiB)':>10} |"
     head += "" if args.model else f" {'x floor':>7} |"
     head += f" {'time/untiled':>12} | {'peak/untiled':>12} |"
-    head += "" if args.model else f" {'time/DS':>7} | {'peak/DS':>7} | {'max grad diff vs untiled':>24} |"
+    head += f" {'time/DS':>7} | {'peak/DS':>7} |" if with_ds else ""
+    head += "" if args.model else f" {'max grad diff vs untiled':>24} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for i in impls:

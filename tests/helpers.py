@@ -38,7 +38,11 @@ def tiny_causal_lm(arch: str) -> nn.Module:
 
 
 def grads_of(model: nn.Module) -> dict[str, torch.Tensor | None]:
-    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    """Parameter grads by name (a ``torch.compile`` wrapper's ``_orig_mod.`` prefix removed)."""
+    return {
+        n.removeprefix("_orig_mod."): (p.grad.clone() if p.grad is not None else None)
+        for n, p in model.named_parameters()
+    }
 
 
 def assert_same_outputs_and_grads(

@@ -1,0 +1,95 @@
+"""torch.compile: a tiled model compiles with fullgraph=True (the tiled call is one custom op), stays
+exact, keeps its memory saving, and does not recompile for every sequence length."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import fxtile
+import modules as M
+from helpers import assert_same_outputs_and_grads, tiny_causal_lm
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["llama_mlp_fast_path", "odd_generic_kernel"])
+def test_tiled_mlp_compiles_fullgraph_with_inductor_and_is_exact(name):
+    model = tiny_causal_lm("llama").model.layers[0].mlp if name.startswith("llama") else M.Odd()
+    hidden = fxtile.find(model)[0].hidden_size
+    tiled = fxtile.transform(copy.deepcopy(model), shards=3)
+    compiled = torch.compile(tiled, fullgraph=True)  # inductor, the default backend
+    x = torch.randn(2, 9, hidden, requires_grad=True)
+    assert_same_outputs_and_grads(model, compiled, x)
+
+
+def test_tiny_llama_compiles_fullgraph_and_matches_eager():
+    model = tiny_causal_lm("llama")
+    model.config.use_cache = False
+    tiled = fxtile.transform(copy.deepcopy(model), shards=3)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(tiled, fullgraph=True, backend=counter)
+    ids = torch.randint(0, 97, (2, 13))
+    assert_same_outputs_and_grads(model, compiled, ids, out_fn=lambda o: o.logits, atol=2e-5, rtol=1e-4)
+    assert counter.frame_count == 1, "one graph: the tiled calls add no break"
+    ops = [n.target for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum(str(t).startswith("fxtile.tiled_forward") for t in ops) == 2, "one tiled op per layer"
+
+
+def _saved_bytes(fn, x) -> int:
+    """Bytes of activations kept for backward (parameters excluded), seen by saved-tensor hooks."""
+    params = {p.untyped_storage().data_ptr() for p in fn.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(x)
+    out.sum().backward()
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+def test_compiled_backward_keeps_no_full_sequence_intermediate():
+    torch.manual_seed(0)
+    tokens, hidden, inter = 4096, 64, 256
+    mlp = M.Functional(h=hidden, i=inter)
+    for p in mlp.parameters():
+        p.requires_grad_(False)  # only activations are saved then
+    x = torch.randn(tokens, hidden, requires_grad=True)
+    untiled = _saved_bytes(torch.compile(copy.deepcopy(mlp), fullgraph=True), x)
+    tiled = _saved_bytes(torch.compile(fxtile.transform(copy.deepcopy(mlp), shards=8), fullgraph=True), x)
+    intermediate = tokens * inter * 4  # one full-sequence [tokens, intermediate] fp32 tensor
+    assert untiled >= intermediate, "the untiled compiled graph saves full-sequence intermediates"
+    assert tiled <= tokens * hidden * 4, f"tiled compiled graph saved {tiled} bytes: more than its input"
+
+
+def test_dynamic_sequence_lengths_compile_once():
+    model = fxtile.transform(M.Odd(), shards=4)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+    reference = copy.deepcopy(model)
+    for seq in (9, 17, 33):
+        x = torch.randn(2, seq, 12)
+        torch.testing.assert_close(compiled(x), reference(x))
+    assert counter.frame_count == 1
+
+
+def test_auto_shards_work_with_symbolic_sizes():
+    model = fxtile.transform(M.Odd(), shards=fxtile.ShardPolicy(min_tokens=8))
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+    for seq in (40, 80, 120):
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(1, seq, 12, requires_grad=True)
+        assert_same_outputs_and_grads(copy.deepcopy(model), compiled, x)
+    assert counter.frame_count <= 2, "auto shards from a symbolic token count: bounded recompiles"
