@@ -255,10 +255,11 @@ def main() -> None:
         row = f"| {i:<10} | {m['time']:8.3f} | {m['peak'] / mib:10.1f} |"
         row += "" if args.model else f" {m['peak'] / floor:7.2f} |"
         row += f" {m['time'] / u['time']:12.2f} | {m['peak'] / u['peak']:12.2f} |"
-        if not args.model:
+        if with_ds:
             d = med["deepspeed"]
-            diff = f"{diffs[i]:.1e}" if i in diffs else "-"
-            row += f" {m['time'] / d['time']:7.2f} | {m['peak'] / d['peak']:7.2f} | {diff:>24} |"
+            row += f" {m['time'] / d['time']:7.2f} | {m['peak'] / d['peak']:7.2f} |"
+        if not args.model:
+            row += f" {diffs[i]:.1e}".rjust(25) + " |" if i in diffs else f" {'-':>24} |"
         print(row)
 
 
