@@ -215,13 +215,13 @@ def _estimate(arch: str, shards: int):
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset the peak RSS")
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])
 def test_the_estimate_matches_the_measured_peak(arch):
-    """Tolerance: 4% of the untiled peak. The estimate counts live tensor bytes; the measurement
+    """Tolerance: 2.5% of the untiled peak (seen: within 1%, about 2 MiB of ~200 MiB). The estimate counts live tensor bytes; the measurement
     sees whole pages, the allocator's own blocks (below 64 KiB they stay on the heap) and the
     interpreter. At this size one tokens x intermediate tensor is 32 MiB, the untiled peak ~200 MiB."""
     entry = _estimate(arch, shards=4)
     assert entry.shards == 4
     untiled, tiled = _measure(arch, 1), _measure(arch, 4)
-    slack = 0.04 * entry.peak_before
+    slack = 0.025 * entry.peak_before
     assert abs(untiled["kept"] - entry.kept_before) < slack, (untiled, entry)
     assert abs(untiled["peak"] - entry.peak_before) < slack, (untiled, entry)
     assert abs(tiled["kept"] - entry.kept_after) < slack, (tiled, entry)
