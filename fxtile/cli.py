@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass
@@ -403,7 +404,7 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
               file=out)
         if workspace:
             print(f"  after includes the tiled op's weight-gradient workspace, up to {human(workspace)} per layer", file=out)
-        print(f"  counted: {DEFINITION}", file=out)
+        print(textwrap.fill(DEFINITION, 100, initial_indent="  ", subsequent_indent="  "), file=out)
         if args.no_verify:
             print("\nexactness: not checked (--no-verify)", file=out)
         else:
