@@ -160,40 +160,44 @@ import json, sys, torch, fxtile, transformers as T
 def vm(key):
     return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))
 torch.set_num_threads(1)
-arch, shards, N, H, I = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-torch.manual_seed(0)
-if arch == "gpt2":
-    mlp = T.GPT2Model(T.GPT2Config(n_embd=H, n_inner=I, n_layer=1, n_head=4, vocab_size=8, resid_pdrop=0.0)).h[0].mlp
-elif arch == "phi3":
-    mlp = T.Phi3Model(T.Phi3Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4,
-                                   vocab_size=8, pad_token_id=0)).layers[0].mlp
-else:
-    mlp = T.LlamaModel(T.LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4,
-                                     vocab_size=8)).layers[0].mlp
-if shards > 1:
-    fxtile.transform(mlp, shards=shards)
-x = torch.randn(1, N, H, requires_grad=True)
-dy = torch.randn(1, N, H)
-mlp(x).backward(dy)  # warm up; keeps .grad allocated, as in any step after the first
-x.grad = None
-open('/proc/self/clear_refs', 'w').write('5')
-base = vm('VmRSS')
-y = mlp(x)
-kept = vm('VmRSS') - base - y.untyped_storage().nbytes()
-y.backward(dy)
-peak = vm('VmHWM') - base - y.untyped_storage().nbytes()
-print(json.dumps({"kept": kept, "peak": peak}))
+arch, N, H, I = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+result = {}
+for shards in (1, 4):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        mlp = T.GPT2Model(T.GPT2Config(n_embd=H, n_inner=I, n_layer=1, n_head=4, vocab_size=8, resid_pdrop=0.0)).h[0].mlp
+    elif arch == "phi3":
+        mlp = T.Phi3Model(T.Phi3Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4,
+                                       vocab_size=8, pad_token_id=0)).layers[0].mlp
+    else:
+        mlp = T.LlamaModel(T.LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4,
+                                         vocab_size=8)).layers[0].mlp
+    if shards > 1:
+        fxtile.transform(mlp, shards=shards)
+    x = torch.randn(1, N, H, requires_grad=True)
+    dy = torch.randn(1, N, H)
+    mlp(x).backward(dy)  # warm up; keeps .grad allocated, as in any step after the first
+    x.grad = None
+    open('/proc/self/clear_refs', 'w').write('5')
+    base = vm('VmRSS')
+    y = mlp(x)
+    kept = vm('VmRSS') - base - y.untyped_storage().nbytes()
+    y.backward(dy)
+    result[shards] = {"kept": kept, "peak": vm('VmHWM') - base - y.untyped_storage().nbytes()}
+    del mlp, x, dy, y
+print(json.dumps(result))
 """
 
 N, H, I = 8192, 256, 1024
 
 
-def _measure(arch: str, shards: int) -> dict:
+def _measure(arch: str) -> dict:
+    """{shards: {"kept": bytes, "peak": bytes}} for 1 (untiled) and 4 shards, in one fresh process."""
     env = {**ENV, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, arch, str(shards), str(N), str(H), str(I)],
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, arch, str(N), str(H), str(I)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
 
 def _estimate(arch: str, shards: int):
@@ -221,7 +225,8 @@ def test_the_estimate_matches_the_measured_peak(arch):
     interpreter. At this size one tokens x intermediate tensor is 32 MiB, the untiled peak ~200 MiB."""
     entry = _estimate(arch, shards=4)
     assert entry.shards == 4
-    untiled, tiled = _measure(arch, 1), _measure(arch, 4)
+    measured = _measure(arch)
+    untiled, tiled = measured[1], measured[4]
     slack = 0.025 * entry.peak_before
     assert abs(untiled["kept"] - entry.kept_before) < slack, (untiled, entry)
     assert abs(untiled["peak"] - entry.peak_before) < slack, (untiled, entry)
