@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1, help="sequences per step (default 1)")
     convert.add_argument("--shards", type=_shards, default="auto", help="'auto' (fxtile.ShardPolicy()) or a fixed count (default auto)")
     convert.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="training dtype for the estimate (default bf16)")
-    convert.add_argument("--json", metavar="PATH", help="also write the plan as JSON to PATH ('-' for stdout)")
+    convert.add_argument("--json", metavar="PATH", help="also write the plan as JSON to PATH ('-': JSON on stdout, the report on stderr)")
     convert.add_argument("--no-verify", action="store_true", help="skip the exactness check on a tiny random model")
     convert.add_argument("--trust-remote-code", action="store_true",
                          help="allow a model directory's own modeling code (transformers' trust_remote_code)")
@@ -361,6 +361,9 @@ def _plan_json(args, config, model: nn.Module, matches: Matches, memory, entries
 def convert(args: argparse.Namespace, out=None, err=None) -> int:
     """Run ``fxtile convert`` with parsed ``args``; prints the report and returns the exit code."""
     out, err = out or sys.stdout, err or sys.stderr
+    json_out = out
+    if args.json == "-":  # stdout is the JSON alone: the report goes to stderr
+        out = err
     start = time.perf_counter()
     config = load_config(args.model, args.trust_remote_code)
     try:
@@ -394,7 +397,7 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
     if not entries:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in matches.skipped[:3])
         print(f"\nfxtile: nothing to tile in {name}" + (f" ({reasons})" if reasons else
-              " (no block with an expanding and a contracting projection traced into an MLP pattern)"), file=err)
+              " (no block matched a gated or plain MLP pattern; MoE experts stored as fused 3-D weights are not matched)"), file=err)
         code = 1
     else:
         before, after = total_peak(entries, tiled=False), total_peak(entries, tiled=True)
@@ -421,7 +424,7 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
         plan["exit_code"] = code
         text = json.dumps(plan, indent=2)
         if args.json == "-":
-            print(text, file=out)
+            print(text, file=json_out)
         else:
             try:
                 with open(args.json, "w") as f:

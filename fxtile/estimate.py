@@ -17,8 +17,9 @@ tiled side runs the op's own forward and backward kernels (``fxtile.op``) shard 
 
 For a SiLU-gated MLP (Llama) with ``N`` tokens, intermediate size ``I``, ``b`` bytes per element and
 ``s`` shards this gives ``kept = 4·N·I·b`` (gate, act, up, product) and ``peak = 6·N·I·b`` untiled (in
-the product's backward: gate, act, up and three gradients), and about ``N·H·b + 8·(N/s)·I·b`` tiled
-(the op's input-gradient buffer, and two shards' intermediates while the next shard is recomputed).
+the product's backward: gate, act, up and three gradients), and ``N·H·b + 8·(N/s)·I·b`` tiled plus the
+weight-gradient workspace (the op's input-gradient buffer, and two shards' intermediates: the op's
+``torch.func.vjp`` pullback keeps the previous shard's until the next one is recomputed).
 ``tests/test_cli.py`` checks these numbers against the peak resident memory measured on CPU.
 
 The whole model's number is :func:`total_peak`: backward runs the layers in reverse, so while layer

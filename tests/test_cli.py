@@ -63,7 +63,8 @@ def test_a_local_model_directory_is_planned_and_verified(capsys, tmp_path):
     T.GPT2Config(n_embd=128, n_layer=3, n_head=4).save_pretrained(tmp_path)
     code, out, err = run(capsys, "convert", str(tmp_path), "--seq-len", "4096", "--shards", "4", "--json", "-")
     assert code == 0, err
-    plan = json.loads(out[out.index("{"):])
+    plan = json.loads(out)  # stdout is the JSON alone; the report went to stderr
+    assert "transformer.h.2.mlp" in err
     assert [m["path"] for m in plan["modules"]] == [f"transformer.h.{i}.mlp" for i in range(3)]
     assert {m["pattern"] for m in plan["modules"]} == {"plain"} and {m["shards"] for m in plan["modules"]} == {4}
     assert plan["verification"]["passed"] and "equal (float64)" in plan["verification"]["detail"]
