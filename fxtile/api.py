@@ -23,6 +23,7 @@ from passes.match import Candidate, find_candidates
 from passes.rewrite import META_KEY, extract_region, meta_template, region_inputs, rewrite
 from passes.trace import is_linear_like, linear_dims, trace
 
+from . import distributed
 from .op import TiledRegion, register_template
 from .policy import ShardPolicy, as_policy
 
@@ -198,6 +199,7 @@ def _install(module: nn.Module, state: _TileState) -> None:
     state.previous_forward = module.__dict__.get("forward")
     object.__setattr__(module, _STATE, state)
     module.forward = types.MethodType(state.forward_fn, module)
+    distributed.mark_zero3_leaf(module)  # ZeRO-3: gather every weight the tiled forward reads (fxtile/distributed.py)
 
 
 def _uninstall(module: nn.Module) -> None:
@@ -212,6 +214,7 @@ def _uninstall(module: nn.Module) -> None:
         module.forward = state.previous_forward
     else:
         del module.forward
+    distributed.unmark_zero3_leaf(module)
 
 
 def transform(model: nn.Module, shards: object = "auto", *, filter_fn: Optional[FilterFn] = None) -> nn.Module:

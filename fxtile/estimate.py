@@ -15,11 +15,12 @@ memory, milliseconds per layer), and every tensor storage it creates is counted 
 until autograd frees it (:class:`_LiveBytes`). The untiled side runs the region under autograd; the
 tiled side runs the op's own forward and backward kernels (``fxtile.op``) shard by shard.
 
-For a SiLU-gated MLP (Llama) with ``N`` tokens, intermediate size ``I``, ``b`` bytes per element and
-``s`` shards this gives ``kept = 4·N·I·b`` (gate, act, up, product) and ``peak = 6·N·I·b`` untiled (in
-the product's backward: gate, act, up and three gradients), and ``N·H·b + 8·(N/s)·I·b`` tiled plus the
-weight-gradient workspace (the op's input-gradient buffer, and two shards' intermediates: the op's
-``torch.func.vjp`` pullback keeps the previous shard's until the next one is recomputed).
+For a SiLU-gated MLP (Llama) with ``N`` tokens, intermediate size ``I`` and ``b`` bytes per element
+this gives ``kept = 4·N·I·b`` (gate, act, up, product) and ``peak = 6·N·I·b`` untiled (in the
+product's backward: gate, act, up and three gradients). Tiled, the peak is the op's input-gradient
+buffer plus a few ``(N/s)·I`` shard tensors plus the weight-gradient workspace; how many shard tensors
+depends on the op's kernel (the explicit-matmul one in ``fxtile/linear_mlp.py`` or the generic
+``torch.func.vjp`` one), so the kernel is replayed rather than summarised in a formula that would go stale.
 ``tests/test_cli.py`` checks these numbers against the peak resident memory measured on CPU.
 
 The whole model's number is :func:`total_peak`: backward runs the layers in reverse, so while layer
@@ -28,9 +29,10 @@ The whole model's number is :func:`total_peak`: backward runs the layers in reve
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -102,6 +104,26 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def _no_meta_autocast() -> Iterator[None]:
+    """Answer "autocast is off" for the meta device, where ``torch.is_autocast_enabled`` raises.
+
+    The op asks it to choose its kernel (``fxtile.op.fast_plan``); the replay runs without autocast,
+    so the answer is the truth. Scoped to the replay (the command is single-threaded).
+    """
+    real = torch.is_autocast_enabled
+
+    def enabled(*args, **kwargs):
+        device = args[0] if args else kwargs.get("device_type")
+        return False if device == "meta" else real(*args, **kwargs)
+
+    torch.is_autocast_enabled = enabled
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled = real
+
+
 def _region_tensors(owner: nn.Module, region: TiledRegion, dtype: Optional[torch.dtype]) -> list[torch.Tensor]:
     """Meta tensors shaped like the region's weights (read from ``owner``, the tiled module), at ``dtype``.
 
@@ -128,9 +150,14 @@ def _replay(
     x_dtype = dtype or next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     x = torch.empty(tokens, region.hidden_size, device="meta", dtype=x_dtype, requires_grad=True)
     shards = max(1, min(int(region.shards_for(tokens)), tokens))
+    inputs = sum(1 for n in op._TEMPLATES[region.template_id].template.graph.nodes if n.op == "placeholder")
+    if inputs != 1:
+        raise NotImplementedError(
+            f"{region.__name__} has {inputs} activation inputs; the estimate replays regions with one (the MLP input)"
+        )
 
     with _LiveBytes([x, *tensors, *grads]) as counter:  # untiled: the region under autograd
-        y = op._run(region.template_id, True, x, tensors)
+        y = op._run(region.template_id, True, [x], tensors)
         dy = torch.empty_like(y)
         out_bytes = 2 * y.untyped_storage().nbytes()  # the output and its incoming gradient
         kept_before = counter.live - out_bytes
@@ -151,12 +178,12 @@ def _replay_tiled(
     x_in, t_in = x.detach(), [t.detach() for t in tensors]
     grads = [t.grad for t in tensors if t.grad is not None]
     needs = [True] + [weight_grads and t.requires_grad for t in tensors]
-    with _LiveBytes([x_in, *t_in, *grads]) as counter, torch.no_grad():  # no autograd inside a custom op
-        y = op.tiled_forward._init_fn(x_in, t_in, region.template_id, shards, True, None)
+    with _LiveBytes([x_in, *t_in, *grads]) as counter, torch.no_grad(), _no_meta_autocast():  # as in the op's kernel
+        y = op.tiled_forward._init_fn([x_in], t_in, region.template_id, shards, True, None)
         dy = torch.empty_like(y)
         out_bytes = 2 * y.untyped_storage().nbytes()
         kept = counter.live - out_bytes  # the op saves its input and weights: nothing new
-        result = op.tiled_backward._init_fn(dy, x_in, t_in, region.template_id, shards, True, None, needs)
+        result = op.tiled_backward._init_fn(dy, [x_in], t_in, region.template_id, shards, True, None, needs)
         for tensor, need, grad in zip(tensors, needs[1:], result[1:]):
             if need:
                 tensor.grad.add_(grad)  # what AccumulateGrad does with the op's weight gradient
@@ -194,7 +221,7 @@ def mlp_memory(model: nn.Module, tokens: int, dtype: Optional[torch.dtype] = Non
         if not isinstance(module.__dict__.get(_STATE), _TileState):
             continue
         for nodes, region in _regions(module):
-            template, _ = op._TEMPLATES[region.template_id]
+            template = op._TEMPLATES[region.template_id].template
             tensors = [_get(module, name) for name in region.tensor_paths]
             key = (template.code, region.policy, tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors))
             if key not in cache:

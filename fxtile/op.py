@@ -19,24 +19,43 @@ an integer id; its *tensors* are explicit inputs. So:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.func import functional_call, vjp
 
+from . import linear_mlp
 from .policy import ShardPolicy
 
 __all__ = ["TiledRegion", "register_template", "shard_bounds"]
 
-_TEMPLATES: list[tuple[fx.GraphModule, tuple[str, ...]]] = []  # id -> (meta template, tensor names)
+
+class _Region(NamedTuple):
+    template: fx.GraphModule  # the region's structure, tensors on the meta device
+    names: tuple[str, ...]  # the template's tensor names, in the op's tensor-list order
+    fast: Optional[linear_mlp.LinearMLP]  # explicit-matmul plan, when the region has that shape
+
+
+_TEMPLATES: list[_Region] = []  # id -> region; templates hold no memory, so they are never freed
 
 
 def register_template(template: fx.GraphModule, tensor_paths: tuple[str, ...]) -> int:
-    """Keep a region's meta template for the op's kernels; returns its id (templates hold no memory)."""
-    _TEMPLATES.append((template, tensor_paths))
+    """Keep a region's meta template (and its fast-path plan, if any) for the op's kernels; returns its id."""
+    placeholders = sum(1 for n in template.graph.nodes if n.op == "placeholder")
+    fast = linear_mlp.plan(template, tensor_paths) if placeholders == 1 else None
+    _TEMPLATES.append(_Region(template, tensor_paths, fast))
     return len(_TEMPLATES) - 1
+
+
+def fast_plan(region: int, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> Optional[linear_mlp.LinearMLP]:
+    """The explicit-matmul plan when it applies to this call: plain dtypes (autocast and mixed dtypes
+    take the generic kernel, which follows autocast's casting rules op by op)."""
+    fast = _TEMPLATES[region].fast
+    if fast is None or torch.is_autocast_enabled(rows[0].device.type):
+        return None
+    return fast if all(t.dtype == rows[0].dtype for t in tensors) else None
 
 
 def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
@@ -45,13 +64,13 @@ def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
     return [(rows * i // n, rows * (i + 1) // n) for i in range(n)]
 
 
-def _run(region: int, training: bool, x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    template, names = _TEMPLATES[region]
+def _run(region: int, training: bool, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    template, names, _ = _TEMPLATES[region]
     template.train(training)
-    return functional_call(template, dict(zip(names, tensors)), (x,), tie_weights=False, strict=True)
+    return functional_call(template, dict(zip(names, tensors)), tuple(rows), tie_weights=False, strict=True)
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
+def _rng_state(device: torch.device) -> torch.Tensor:  # the generator dropout on `device` draws from
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
     return torch.get_rng_state()
@@ -74,89 +93,106 @@ def _replayed_rng(device: torch.device, state: Optional[torch.Tensor]) -> Iterat
 
 @torch.library.custom_op("fxtile::tiled_forward", mutates_args=())
 def tiled_forward(
-    x: torch.Tensor, tensors: list[torch.Tensor], region: int, shards: int, training: bool,
+    rows: list[torch.Tensor], tensors: list[torch.Tensor], region: int, shards: int, training: bool,
     rng_state: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``region(x)`` computed shard by shard into one preallocated output (``rng_state`` is for backward)."""
+    """``region(*rows)`` shard by shard into one preallocated output (``rng_state`` is for backward).
+
+    ``rows`` are the region's activation inputs, aligned on dim 0 (one row per token); every one is
+    split at the same row bounds.
+    """
+    fast = fast_plan(region, rows, tensors)
+    if fast is not None:
+        x, down = rows[0], tensors[fast.down.weight]
+        out = x.new_empty((x.shape[0], down.shape[1] if fast.down.transposed else down.shape[0]))
+        for lo, hi in shard_bounds(x.shape[0], shards):
+            linear_mlp.forward_shard(fast, x[lo:hi], tensors, out[lo:hi])
+        return out
     out: Optional[torch.Tensor] = None
-    for lo, hi in shard_bounds(x.shape[0], shards):
-        y = _run(region, training, x[lo:hi], tensors)
+    for lo, hi in shard_bounds(rows[0].shape[0], shards):
+        y = _run(region, training, [r[lo:hi] for r in rows], tensors)
         if out is None:
-            out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out = y.new_empty((rows[0].shape[0], *y.shape[1:]))
         out[lo:hi] = y
     assert out is not None
     return out
 
 
 @tiled_forward.register_fake
-def _(x, tensors, region, shards, training, rng_state):
-    return _run(region, training, x, tensors)  # on fake tensors: shape and dtype only, no compute
+def _(rows, tensors, region, shards, training, rng_state):
+    return _run(region, training, rows, tensors)  # on fake tensors: shape and dtype only, no compute
 
 
 @torch.library.custom_op("fxtile::tiled_backward", mutates_args=())
 def tiled_backward(
-    grad: torch.Tensor, x: torch.Tensor, tensors: list[torch.Tensor], region: int, shards: int,
+    grad: torch.Tensor, rows: list[torch.Tensor], tensors: list[torch.Tensor], region: int, shards: int,
     training: bool, rng_state: Optional[torch.Tensor], needs_grad: list[bool],
 ) -> list[torch.Tensor]:
-    """Gradients ``[d x, *d tensors]`` by recomputing each shard (empty tensors where not needed)."""
-    x_needs, t_needs = needs_grad[0], needs_grad[1:]
-    wanted = [i for i, need in enumerate(t_needs) if need]
-    grad_x = torch.empty_like(x) if x_needs else None
-    sums: dict[int, torch.Tensor] = {}
-    with _replayed_rng(x.device, rng_state):
+    """Gradients ``[*d rows, *d tensors]`` by recomputing each shard (empty tensors where not needed)."""
+    inputs = [*rows, *tensors]
+    fast = fast_plan(region, rows, tensors)
+    if fast is not None:
+        x = rows[0]
+        grad_x = torch.empty_like(x) if needs_grad[0] else None
+        sums: dict[int, torch.Tensor] = {}
         for lo, hi in shard_bounds(x.shape[0], shards):
-            x_shard = x[lo:hi]
+            shard_grad_x = grad_x[lo:hi] if grad_x is not None else None
+            linear_mlp.backward_shard(fast, x[lo:hi], grad[lo:hi], tensors, needs_grad[1:], sums, shard_grad_x)
+        grads = {i + 1: s.to(tensors[i].dtype) for i, s in sums.items()}
+        if grad_x is not None:
+            grads[0] = grad_x
+        return [grads[i] if i in grads else x.new_empty(0) for i in range(len(inputs))]
+    wanted = [i for i, need in enumerate(needs_grad) if need]
+    n_rows = len(rows)
+    row_grads = {i: torch.empty_like(rows[i]) for i in wanted if i < n_rows}
+    sums = {}
+    with _replayed_rng(rows[0].device, rng_state):
+        for lo, hi in shard_bounds(rows[0].shape[0], shards):
+            shard = [r[lo:hi] for r in rows] + list(tensors)
 
             def shard_fn(*primals: torch.Tensor) -> torch.Tensor:
-                args = list(tensors)
-                for i, value in zip(wanted, primals[int(x_needs):]):
+                args = list(shard)
+                for i, value in zip(wanted, primals):
                     args[i] = value
-                return _run(region, training, primals[0] if x_needs else x_shard, args)
+                return _run(region, training, args[:n_rows], args[n_rows:])
 
-            primals = ([x_shard] if x_needs else []) + [tensors[i] for i in wanted]
-            _, pullback = vjp(shard_fn, *primals)
-            grads = pullback(grad[lo:hi])
-            if x_needs:
-                grad_x[lo:hi] = grads[0]
-            for i, g in zip(wanted, grads[int(x_needs):]):
-                if i not in sums:  # fp32 accumulator for low-precision weights: one rounding at the end
+            _, pullback = vjp(shard_fn, *[shard[i] for i in wanted])
+            for i, g in zip(wanted, pullback(grad[lo:hi])):
+                if i < n_rows:
+                    row_grads[i][lo:hi] = g
+                elif i not in sums:  # fp32 accumulator for low-precision weights: one rounding at the end
                     sums[i] = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
                 else:
                     sums[i].add_(g)
-    return [grad_x if grad_x is not None else x.new_empty(0)] + [  # fresh empties: outputs may not alias
-        sums[i].to(t.dtype) if i in sums else x.new_empty(0) for i, t in enumerate(tensors)
-    ]
+    grads = {**row_grads, **{i: s.to(inputs[i].dtype) for i, s in sums.items()}}
+    return [grads[i] if i in grads else rows[0].new_empty(0) for i in range(len(inputs))]  # fresh empties: no aliases
 
 
 @tiled_backward.register_fake
-def _(grad, x, tensors, region, shards, training, rng_state, needs_grad):
-    return [torch.empty_like(x) if needs_grad[0] else x.new_empty(0)] + [
-        torch.empty_like(t) if need else x.new_empty(0) for t, need in zip(tensors, needs_grad[1:])
-    ]
+def _(grad, rows, tensors, region, shards, training, rng_state, needs_grad):
+    return [torch.empty_like(t) if need else rows[0].new_empty(0) for t, need in zip([*rows, *tensors], needs_grad)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, tensors, region, shards, training, rng_state = inputs
-    ctx.save_for_backward(x, *tensors)
+    rows, tensors, region, shards, training, rng_state = inputs
+    ctx.save_for_backward(*rows, *tensors)
+    ctx.n_rows = len(rows)
     ctx.rng_state = rng_state
     ctx.args = (region, shards, training)
-    ctx.needs_grad = [x.requires_grad] + [t.requires_grad for t in tensors]
-    device = x.device.type
+    ctx.needs_grad = [t.requires_grad for t in (*rows, *tensors)]
+    device = rows[0].device.type
     ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
 
 def _backward(ctx, grad):
-    x, *tensors = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    rows, tensors = saved[: ctx.n_rows], saved[ctx.n_rows :]
     region, shards, training = ctx.args
     device, enabled, dtype = ctx.autocast
     with torch.autocast(device, dtype=dtype, enabled=enabled):
-        grads = tiled_backward(grad, x, tensors, region, shards, training, ctx.rng_state, ctx.needs_grad)
-    needs = ctx.needs_grad
-    return (
-        grads[0] if needs[0] else None,
-        [g if need else None for g, need in zip(grads[1:], needs[1:])],
-        None, None, None, None,
-    )
+        grads = tiled_backward(grad, rows, tensors, region, shards, training, ctx.rng_state, ctx.needs_grad)
+    grads = [g if need else None for g, need in zip(grads, ctx.needs_grad)]
+    return grads[: ctx.n_rows], grads[ctx.n_rows :], None, None, None, None
 
 
 tiled_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -165,7 +201,7 @@ tiled_forward.register_autograd(_backward, setup_context=_setup_context)
 class TiledRegion:
     """The callable an fx call node targets in place of a matched MLP region.
 
-    ``region(x, modules, tensors)`` flattens every leading dim of ``x`` into rows (any batch size),
+    ``region(inputs, modules, tensors)`` flattens every leading dim of the inputs into rows (any batch size),
     picks the shard count from its :class:`ShardPolicy`, and calls the tiled op, or the region
     directly when that count is 1 (short inputs keep the untiled speed).
     """
@@ -188,7 +224,9 @@ class TiledRegion:
     def shards_for(self, rows: int) -> int:
         return self.policy.count(rows, self.hidden_size, self.intermediate_size)
 
-    def __call__(self, x: torch.Tensor, modules: Sequence[nn.Module], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def __call__(
+        self, inputs: Sequence[torch.Tensor], modules: Sequence[nn.Module], tensors: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         for path, module, expected in zip(self.module_paths, modules, self.module_types):
             if type(module) is not expected:
                 raise RuntimeError(
@@ -197,12 +235,13 @@ class TiledRegion:
                     "replacing submodules (e.g. apply PEFT before fxtile)"
                 )
         training = any(m.training for m in modules)
-        rows = x.reshape(-1, x.shape[-1])
-        shards = self.shards_for(rows.shape[0])
+        lead = inputs[0].shape[:-1]  # every input shares these leading (token) dims
+        rows = [t.reshape(lead.numel(), *t.shape[len(lead):]) for t in inputs]
+        shards = self.shards_for(rows[0].shape[0])
         if shards == 1:
             out = _run(self.template_id, training, rows, tensors)
         else:
             needs_rng = self.stochastic and training and torch.is_grad_enabled()
-            rng = _rng_state(x.device) if needs_rng else None
+            rng = _rng_state(inputs[0].device) if needs_rng else None
             out = tiled_forward(rows, list(tensors), self.template_id, shards, training, rng)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out.reshape(*lead, out.shape[-1])

@@ -60,7 +60,7 @@ class Candidate:
     """An accepted region, with live fx nodes (internal; the public view is ``fxtile.Match``)."""
 
     pattern: str
-    input: fx.Node
+    inputs: tuple[fx.Node, ...]  # activation inputs, aligned on their leading (token) dims
     exit: fx.Node
     nodes: list[fx.Node]  # every node the tiled call replaces, in graph order; ``exit`` is last
     roles: dict[str, str]  # role -> submodule (or function) name
@@ -329,7 +329,7 @@ def _build(gm: fx.GraphModule, labels: _Labels, name: str, inst: dict[str, fx.No
     if act_owner is not None:
         roles["act"] = act_owner
     return Candidate(
-        pattern=name, input=input_node, exit=last, nodes=nodes, roles=roles, activation=activation,
+        pattern=name, inputs=(input_node,), exit=last, nodes=nodes, roles=roles, activation=activation,
         hidden_size=hidden, intermediate_size=inter, stochastic=any(is_random(gm, n) for n in nodes),
     )
 
@@ -348,7 +348,7 @@ def _not_contained(gm: fx.GraphModule, cand: Candidate) -> str | None:
 
 
 def _rows_not_tokens(gm: fx.GraphModule, cand: Candidate) -> str | None:
-    stack, seen = [cand.input], set()
+    stack, seen = list(cand.inputs), set()
     while stack:
         node = stack.pop()
         if node in seen:

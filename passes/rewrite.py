@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.fx as fx
@@ -30,16 +30,16 @@ class PassResult:
 
 
 class RegionCall(Protocol):
-    """The call target that replaces a region: ``target(x, modules, tensors) -> y``."""
+    """The call target that replaces a region: ``target(inputs, modules, tensors) -> y``."""
 
     module_paths: tuple[str, ...]  # submodules passed in (checked against the types seen at match)
     tensor_paths: tuple[str, ...]  # parameters, buffers and tensor attributes the region reads
 
 
 def extract_region(gm: fx.GraphModule, cand: Candidate) -> fx.GraphModule:
-    """The region as a standalone ``GraphModule`` of one input ``x`` (shares ``gm``'s submodules)."""
+    """The region as a standalone ``GraphModule`` of its activation inputs (shares ``gm``'s submodules)."""
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {cand.input: graph.placeholder("x")}
+    env: dict[fx.Node, fx.Node] = {node: graph.placeholder(f"x{i}") for i, node in enumerate(cand.inputs)}
     for node in cand.nodes:
         for arg in node.all_input_nodes:
             if arg not in env:  # only parameters can enter besides x (checked by the matcher)
@@ -75,7 +75,17 @@ def meta_template(region: fx.GraphModule, tensor_paths: tuple[str, ...]) -> fx.G
     for path in tensor_paths:
         value = _get(region, path)
         memo[id(value)] = torch.empty_like(value, device="meta")
-    return copy.deepcopy(region, memo)
+    template = copy.deepcopy(region, memo)
+    for module in template.modules():  # hooks belong to the live modules (DeepSpeed ZeRO-3, FSDP, accelerate
+        for hooks in _MODULE_HOOKS:  # offload, user hooks): a template copy must never run them per shard
+            getattr(module, hooks).clear()
+    return template
+
+
+_MODULE_HOOKS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks",
+)
 
 
 def _get(root: torch.nn.Module, path: str) -> torch.Tensor:
@@ -86,16 +96,17 @@ def _get(root: torch.nn.Module, path: str) -> torch.Tensor:
 def rewrite(gm: fx.GraphModule, regions: list[tuple[Candidate, RegionCall]], *, lint: bool = True) -> PassResult:
     """Replace each candidate's nodes in ``gm`` by one ``call_function`` node to its ``RegionCall``.
 
-    The inserted node reads ``target(x, (submodules...), (tensors...))``: the weights are explicit
-    inputs of the op (so they get their gradients once per backward, as DDP and FSDP require, even
-    when ``x`` needs none), and the submodules let the op check that nothing was swapped since.
+    The inserted node reads ``target((inputs...), (submodules...), (tensors...))``: the weights are
+    explicit inputs of the op (so they get their gradients once per backward, as DDP and FSDP
+    require, even when the input needs none), and the submodules let the op check that nothing was
+    swapped since.
     """
     graph = gm.graph
     for cand, target in regions:
         with graph.inserting_before(cand.exit):
             modules = tuple(graph.get_attr(p) for p in target.module_paths)
             tensors = tuple(graph.get_attr(p) for p in target.tensor_paths)
-            call = graph.call_function(target, (cand.input, modules, tensors))
+            call = graph.call_function(target, (cand.inputs, modules, tensors))
         call.meta[META_KEY] = {"replaced": tuple(n.name for n in cand.nodes), "pattern": cand.pattern}
         cand.exit.replace_all_uses_with(call)
         for node in reversed(cand.nodes):  # erase exactly what was replaced (no global DCE:

@@ -43,7 +43,7 @@ def test_llama_default_config_plans_32_mlps_at_128k_tokens_in_seconds(capsys, tm
     for m in modules:
         assert m["tiled"] and m["pattern"] == "gated"
         assert m["roles"] == {"gate": "gate_proj", "up": "up_proj", "down": "down_proj", "act": "act_fn"}
-        assert m["shards"] == fxtile.ShardPolicy().count(131072, 4096, 11008) == 11
+        assert m["shards"] == fxtile.ShardPolicy().count(131072, 4096, 11008)
         # SiLU-gated, bf16: autograd keeps gate, act, up and their product: 4 x tokens x 11008 x 2 bytes
         assert m["kept_bytes_before"] == 4 * 131072 * 11008 * 2
         assert m["kept_bytes_after"] == 0

@@ -43,9 +43,9 @@ def test_a_bad_call_leaves_the_model_untouched():
 
 def test_auto_policy_rule():
     policy = fxtile.ShardPolicy()
-    # memory: intermediate 4x hidden, budget 0.25 -> 16 shards; speed: never below min_tokens rows
-    assert policy.count(rows=16384, hidden=512, intermediate=2048) == 16
-    assert policy.count(rows=4096, hidden=512, intermediate=2048) == 4
+    # memory: intermediate 4x hidden, budget 1/8 -> 32 shards; speed: never below min_tokens=512 rows
+    assert policy.count(rows=16384, hidden=512, intermediate=2048) == 32
+    assert policy.count(rows=4096, hidden=512, intermediate=2048) == 8
     assert policy.count(rows=100, hidden=512, intermediate=2048) == 1
     assert fxtile.ShardPolicy(shards=7).count(rows=3, hidden=8, intermediate=32) == 7
 

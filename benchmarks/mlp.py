@@ -1,0 +1,245 @@
+"""Peak memory and time of one forward+backward of a gated MLP: untiled vs fxtile vs DeepSpeed TiledMLP.
+
+    python benchmarks/mlp.py                       # S=16384, H=512, I=2048, fp32, batch 1
+    python benchmarks/mlp.py --seq 32768 --dtype bf16 --rounds 5
+    python benchmarks/mlp.py --model               # a tiny Llama with gradient checkpointing
+
+Each measurement runs in a fresh process (so one run's allocator state cannot leak into another),
+memory and time in separate processes (see ``_run_worker``), the implementations alternate within
+each round, and the table reports medians over rounds.
+Memory is the peak resident set above the process's baseline, taken after the weights exist and
+before the input is allocated (``ru_maxrss`` on CPU, ``max_memory_allocated`` on CUDA). The floor is
+what any implementation must hold: input, output, output grad and input grad, ``4 x S x H x bytes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+IMPLS = ("untiled", "fxtile", "deepspeed")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _peak_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _gated_mlp(hidden: int, inter: int, dtype, device: str):
+    import torch
+    from torch import nn
+
+    class GatedMLP(nn.Module):  # the Llama MLP shape
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = nn.Linear(hidden, inter, bias=False)
+            self.up_proj = nn.Linear(hidden, inter, bias=False)
+            self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    torch.manual_seed(0)
+    return GatedMLP().to(device=device, dtype=dtype)
+
+
+def _wrap(impl: str, mlp, seq: int, hidden: int, shards: str):
+    """The module to run: the MLP itself, fxtile's tiling of it, or DeepSpeed's TiledMLP around it."""
+    import torch
+
+    if impl == "fxtile":
+        import fxtile
+
+        return fxtile.transform(mlp, shards="auto" if shards == "auto" else int(shards))
+    if impl == "deepspeed":
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+        n = math.ceil(seq / hidden)  # TiledMLP's documented rule
+
+        class DeepSpeedTiled(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mlp = mlp
+
+            def forward(self, x):
+                params = [self.mlp.down_proj.weight, self.mlp.gate_proj.weight, self.mlp.up_proj.weight]
+                return TiledMLP.apply(lambda m, xs: m(xs), self.mlp, x, n, params)
+
+        return DeepSpeedTiled()
+    return mlp
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One implementation in this (fresh) process: returns peak bytes above baseline and step times."""
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    device = args.device
+    module = _wrap(args.impl, _gated_mlp(args.hidden, args.inter, dtype, device), args.seq, args.hidden, args.shards)
+    shape = (args.batch, args.seq, args.hidden)
+
+    def step(shape=shape) -> float:
+        for p in module.parameters():
+            p.grad = None
+        gen = torch.Generator(device=device).manual_seed(1)
+        x = torch.randn(shape, dtype=dtype, device=device, generator=gen).requires_grad_()
+        dy = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        module(x).backward(dy)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        step.x_grad = x.grad
+        return elapsed
+
+    # Warm up on a few tokens first: one-time costs (the first custom-op call imports torch._dynamo,
+    # ~70 MiB of Python objects) belong to the process, not to the step being measured.
+    step((args.batch, 8, args.hidden))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    first = step()
+    peak = _peak_bytes(device) - base
+    times = [first] + [step() for _ in range(args.repeats)]
+    if args.grads:
+        torch.save({"x": step.x_grad.cpu(), **{n: p.grad.cpu() for n, p in module.named_parameters()}}, args.grads)
+    return {"peak": peak, "time": statistics.median(times[1:]) if args.repeats else first}
+
+
+def model_worker(args: argparse.Namespace) -> dict:
+    """A tiny Llama, gradient checkpointing on, one training step at a long sequence."""
+    import torch
+    import transformers as T
+
+    import fxtile
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.inter, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=4, vocab_size=1024,
+                           max_position_embeddings=args.seq, use_cache=False)
+    model = T.LlamaForCausalLM(config).to(getattr(torch, DTYPES[args.dtype]))
+    model.gradient_checkpointing_enable()
+    model.train()
+    if args.impl == "fxtile":
+        fxtile.transform(model, shards=args.shards if args.shards == "auto" else int(args.shards))
+    ids = torch.randint(0, 1024, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+
+    def step(batch=ids) -> float:
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        model(batch, labels=batch).loss.backward()
+        return time.perf_counter() - start
+
+    step(ids[:, :8])  # warm-up: one-time costs are the process's, not the step's
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    first = step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = [first] + [step() for _ in range(args.repeats)]
+    return {"peak": peak, "time": statistics.median(times[1:]) if args.repeats else first}
+
+
+def _run_worker(impl: str, args: argparse.Namespace, grads: str | None, measure: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--seq", str(args.seq), "--hidden", str(args.hidden),
+           "--inter", str(args.inter), "--dtype", args.dtype, "--batch", str(args.batch), "--repeats",
+           str(args.repeats), "--shards", args.shards, "--device", args.device]
+    cmd += ["--model"] if args.model else []
+    cmd += ["--grads", grads] if grads else []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH")])))
+    if measure == "memory" and args.device == "cpu":
+        # A fixed mmap threshold makes glibc hand every large block back on free, so ru_maxrss measures
+        # live memory rather than the allocator's free lists. It also makes every big allocation fault its
+        # pages in anew, which slows all implementations: so time is measured in a separate process
+        # with the default allocator.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _max_grad_diff(a: str, b: str) -> float:
+    import torch
+
+    ga, gb = torch.load(a), torch.load(b)
+    keys = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] if k.count(".") > 1 else k: k for k in gb}
+    diffs = []
+    for k, v in ga.items():
+        other = gb[keys.get(k, k)] if keys.get(k, k) in gb else gb[k]
+        diffs.append((v.float() - other.float()).abs().max().item())
+    return max(diffs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--inter", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--shards", default="auto", help="fxtile's shards: 'auto' or an int")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per implementation")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per process after the first")
+    parser.add_argument("--model", action="store_true", help="whole tiny Llama with gradient checkpointing")
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--grads", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.impl = args.worker
+        print(json.dumps(model_worker(args) if args.model else worker(args)))
+        return
+
+    impls = ("untiled", "fxtile") if args.model else IMPLS
+    results: dict[str, list[dict]] = {i: [] for i in impls}
+    with tempfile.TemporaryDirectory() as tmp:
+        grads = {i: os.path.join(tmp, f"{i}.pt") for i in impls}
+        for r in range(args.rounds):
+            order = impls if r % 2 == 0 else impls[::-1]  # alternate so drift hits every impl alike
+            for impl in order:
+                memory = _run_worker(impl, args, grads[impl] if r == 0 and not args.model else None, "memory")
+                timing = _run_worker(impl, args, None, "time")
+                results[impl].append({"peak": memory["peak"], "time": timing["time"]})
+        diffs = {} if args.model else {i: _max_grad_diff(grads["untiled"], grads[i]) for i in impls[1:]}
+
+    mib = 2**20
+    bytes_per = {"fp32": 4, "bf16": 2, "fp16": 2}[args.dtype]
+    floor = 4 * args.batch * args.seq * args.hidden * bytes_per
+    med = {i: {k: statistics.median(r[k] for r in results[i]) for k in ("peak", "time")} for i in impls}
+    what = "tiny Llama, 2 layers, gradient checkpointing" if args.model else "gated MLP"
+    print(f"{what}: batch={args.batch} S={args.seq} H={args.hidden} I={args.inter} {args.dtype} on {args.device}, "
+          f"median of {args.rounds} fresh processes" + ("" if args.model else f"; floor 4*S*H*bytes = {floor / mib:.0f} MiB"))
+    head = f"| {'impl':<10} | {'time (s)':>8} | {'peak (MiB)':>10} |"
+    head += "" if args.model else f" {'x floor':>7} |"
+    head += f" {'time/untiled':>12} | {'peak/untiled':>12} |"
+    head += "" if args.model else f" {'time/DS':>7} | {'peak/DS':>7} | {'max grad diff vs untiled':>24} |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for i in impls:
+        m, u = med[i], med["untiled"]
+        row = f"| {i:<10} | {m['time']:8.3f} | {m['peak'] / mib:10.1f} |"
+        row += "" if args.model else f" {m['peak'] / floor:7.2f} |"
+        row += f" {m['time'] / u['time']:12.2f} | {m['peak'] / u['peak']:12.2f} |"
+        if not args.model:
+            d = med["deepspeed"]
+            diff = f"{diffs[i]:.1e}" if i in diffs else "-"
+            row += f" {m['time'] / d['time']:7.2f} | {m['peak'] / d['peak']:7.2f} | {diff:>24} |"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
