@@ -104,26 +104,6 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-@contextlib.contextmanager
-def _no_meta_autocast() -> Iterator[None]:
-    """Answer "autocast is off" for the meta device, where ``torch.is_autocast_enabled`` raises.
-
-    The op asks it to choose its kernel (``fxtile.op.fast_plan``); the replay runs without autocast,
-    so the answer is the truth. Scoped to the replay (the command is single-threaded).
-    """
-    real = torch.is_autocast_enabled
-
-    def enabled(*args, **kwargs):
-        device = args[0] if args else kwargs.get("device_type")
-        return False if device == "meta" else real(*args, **kwargs)
-
-    torch.is_autocast_enabled = enabled
-    try:
-        yield
-    finally:
-        torch.is_autocast_enabled = real
-
-
 def _region_tensors(owner: nn.Module, region: TiledRegion, dtype: Optional[torch.dtype]) -> list[torch.Tensor]:
     """Meta tensors shaped like the region's weights (read from ``owner``, the tiled module), at ``dtype``.
 
@@ -178,12 +158,12 @@ def _replay_tiled(
     x_in, t_in = x.detach(), [t.detach() for t in tensors]
     grads = [t.grad for t in tensors if t.grad is not None]
     needs = [True] + [weight_grads and t.requires_grad for t in tensors]
-    with _LiveBytes([x_in, *t_in, *grads]) as counter, torch.no_grad(), _no_meta_autocast():  # as in the op's kernel
-        y = op.tiled_forward._init_fn([x_in], t_in, region.template_id, shards, True, None)
+    with _LiveBytes([x_in, *t_in, *grads]) as counter, torch.no_grad():  # as in the op's kernel
+        y = op.forward_kernel([x_in], t_in, region.template_id, shards, True)
         dy = torch.empty_like(y)
         out_bytes = 2 * y.untyped_storage().nbytes()
         kept = counter.live - out_bytes  # the op saves its input and weights: nothing new
-        result = op.tiled_backward._init_fn(dy, [x_in], t_in, region.template_id, shards, True, None, needs)
+        result = op.backward_kernel(dy, [x_in], t_in, region.template_id, shards, True, None, needs)
         for tensor, need, grad in zip(tensors, needs[1:], result[1:]):
             if need:
                 tensor.grad.add_(grad)  # what AccumulateGrad does with the op's weight gradient

@@ -29,7 +29,7 @@ from torch.func import functional_call, vjp
 from . import linear_mlp
 from .policy import ShardPolicy
 
-__all__ = ["TiledRegion", "register_template", "shard_bounds"]
+__all__ = ["TiledRegion", "backward_kernel", "forward_kernel", "register_template", "shard_bounds"]
 
 
 class _Region(NamedTuple):
@@ -53,7 +53,8 @@ def fast_plan(region: int, rows: Sequence[torch.Tensor], tensors: Sequence[torch
     """The explicit-matmul plan when it applies to this call: plain dtypes (autocast and mixed dtypes
     take the generic kernel, which follows autocast's casting rules op by op)."""
     fast = _TEMPLATES[region].fast
-    if fast is None or torch.is_autocast_enabled(rows[0].device.type):
+    device = rows[0].device.type  # meta (planning, fxtile convert) has no autocast state to ask about
+    if fast is None or (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return None
     return fast if all(t.dtype == rows[0].dtype for t in tensors) else None
 
@@ -96,10 +97,17 @@ def tiled_forward(
     rows: list[torch.Tensor], tensors: list[torch.Tensor], region: int, shards: int, training: bool,
     rng_state: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``region(*rows)`` shard by shard into one preallocated output (``rng_state`` is for backward).
+    """``region(*rows)`` shard by shard (``rng_state`` is only kept for the backward's replay)."""
+    return forward_kernel(rows, tensors, region, shards, training)
+
+
+def forward_kernel(
+    rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], region: int, shards: int, training: bool
+) -> torch.Tensor:
+    """The forward op's kernel (autograd off): each shard written into one preallocated output.
 
     ``rows`` are the region's activation inputs, aligned on dim 0 (one row per token); every one is
-    split at the same row bounds.
+    split at the same row bounds. Public so ``fxtile.estimate`` can replay it on the meta device.
     """
     fast = fast_plan(region, rows, tensors)
     if fast is not None:
@@ -129,6 +137,14 @@ def tiled_backward(
     training: bool, rng_state: Optional[torch.Tensor], needs_grad: list[bool],
 ) -> list[torch.Tensor]:
     """Gradients ``[*d rows, *d tensors]`` by recomputing each shard (empty tensors where not needed)."""
+    return backward_kernel(grad, rows, tensors, region, shards, training, rng_state, needs_grad)
+
+
+def backward_kernel(
+    grad: torch.Tensor, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], region: int, shards: int,
+    training: bool, rng_state: Optional[torch.Tensor], needs_grad: Sequence[bool],
+) -> list[torch.Tensor]:
+    """The backward op's kernel (autograd off); public so ``fxtile.estimate`` can replay it on meta."""
     inputs = [*rows, *tensors]
     fast = fast_plan(region, rows, tensors)
     if fast is not None:
@@ -157,13 +173,16 @@ def tiled_backward(
                 return _run(region, training, args[:n_rows], args[n_rows:])
 
             _, pullback = vjp(shard_fn, *[shard[i] for i in wanted])
-            for i, g in zip(wanted, pullback(grad[lo:hi])):
+            grads = pullback(grad[lo:hi], retain_graph=False)  # frees the shard's residuals as they are used
+            del _, pullback  # before the next shard's recompute: one shard's intermediates alive at a time
+            for i, g in zip(wanted, grads):
                 if i < n_rows:
                     row_grads[i][lo:hi] = g
                 elif i not in sums:  # fp32 accumulator for low-precision weights: one rounding at the end
                     sums[i] = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
                 else:
                     sums[i].add_(g)
+            del grads
     grads = {**row_grads, **{i: s.to(inputs[i].dtype) for i, s in sums.items()}}
     return [grads[i] if i in grads else rows[0].new_empty(0) for i in range(len(inputs))]  # fresh empties: no aliases
 
