@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import types
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch.fx as fx
 from torch import nn
 
 from passes.match import Candidate, find_candidates
-from passes.rewrite import META_KEY, extract_region, meta_template, region_inputs, rewrite
+from passes.rewrite import MODULE_HOOKS, extract_region, meta_template, region_inputs, rewrite
 from passes.trace import is_linear_like, linear_dims, trace
 
 from . import distributed
@@ -181,11 +181,25 @@ def _check_args(model: object, filter_fn: object) -> None:
         raise TypeError(f"filter_fn must be a callable (module, fqn) -> bool or None, got {type(filter_fn).__name__}")
 
 
+def _warn_about_hooks(path: str, region: fx.GraphModule, module_paths: tuple[str, ...]) -> None:
+    """Hooks on modules *inside* a tiled region cannot run as before (the region runs as one op over
+    shards), so say so instead of dropping them silently."""
+    hooked = [p for p in module_paths if any(getattr(region.get_submodule(p), h) for h in MODULE_HOOKS)]
+    if hooked:
+        names = ", ".join(f"{path}.{p}" if path else p for p in hooked)
+        warnings.warn(
+            f"fxtile: {names} inside a tiled MLP has module hooks, which do not run while it is tiled; "
+            f"exclude the block with filter_fn=lambda m, fqn: fqn != {path!r} to keep them",
+            stacklevel=4,
+        )
+
+
 def _tiled_forward(path: str, gm: fx.GraphModule, candidates: list[Candidate], policy: ShardPolicy) -> fx.GraphModule:
     regions = []
     for i, cand in enumerate(candidates):
         region = extract_region(gm, cand)
         module_paths, tensor_paths = region_inputs(region)
+        _warn_about_hooks(path, region, module_paths)
         template_id = register_template(meta_template(region, tensor_paths), tensor_paths)
         target = TiledRegion(
             template_id, module_paths, tuple(type(region.get_submodule(p)) for p in module_paths), tensor_paths,

@@ -29,10 +29,9 @@ The whole model's number is :func:`total_peak`: backward runs the layers in reve
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn

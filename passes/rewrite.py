@@ -16,9 +16,13 @@ import torch.fx as fx
 
 from .match import Candidate
 
-__all__ = ["META_KEY", "PassResult", "RegionCall", "extract_region", "meta_template", "region_inputs", "rewrite"]
+__all__ = ["META_KEY", "MODULE_HOOKS", "PassResult", "RegionCall", "extract_region", "meta_template", "region_inputs", "rewrite"]
 
 META_KEY = "fxtile"  # node.meta key marking the call nodes fxtile inserted (survives deepcopy)
+MODULE_HOOKS = (  # nn.Module's per-instance hook dicts
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks",
+)
 
 
 @dataclass(frozen=True)
@@ -77,15 +81,10 @@ def meta_template(region: fx.GraphModule, tensor_paths: tuple[str, ...]) -> fx.G
         memo[id(value)] = torch.empty_like(value, device="meta")
     template = copy.deepcopy(region, memo)
     for module in template.modules():  # hooks belong to the live modules (DeepSpeed ZeRO-3, FSDP, accelerate
-        for hooks in _MODULE_HOOKS:  # offload, user hooks): a template copy must never run them per shard
+        for hooks in MODULE_HOOKS:  # offload, user hooks): a template copy must never run them per shard
             getattr(module, hooks).clear()
     return template
 
-
-_MODULE_HOOKS = (
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks",
-)
 
 
 def _get(root: torch.nn.Module, path: str) -> torch.Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 from torch import nn
 

@@ -209,3 +209,10 @@ def test_replacing_a_tiled_submodule_fails_loudly():
     model.wa = M.MyLinear(12, 28)
     with pytest.raises(RuntimeError, match="'wa' is now MyLinear.*fxtile.restore"):
         model(torch.randn(1, 3, 12))
+
+
+def test_hooks_inside_a_tiled_region_are_reported():
+    model = M.Odd()
+    model.wa.register_forward_hook(lambda *a: None)
+    with pytest.warns(UserWarning, match=r"wa inside a tiled MLP has module hooks.*filter_fn"):
+        fxtile.transform(model, shards=2)
