@@ -90,13 +90,14 @@ def call_spec(signature: inspect.Signature, training: bool, args: tuple, kwargs:
 
 
 def default_spec(module: nn.Module) -> tuple[CallSpec, list] | None:
-    """The spec of ``module(x)`` with every optional argument at its default (for ``fxtile.find``)."""
+    """The spec of ``module(x, ...)``: a tensor for each required argument, every optional one at
+    its default (what ``fxtile.find`` reports before the block is ever called)."""
     signature = inspect.signature(module.forward)
     required = [p for p in signature.parameters.values() if p.default is inspect.Parameter.empty
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(required) != 1:
+    if not required:
         return None
-    return call_spec(signature, module.training, (torch.empty(0),), {})
+    return call_spec(signature, module.training, tuple(torch.empty(0) for _ in required), {})
 
 
 def _rebuild(sub: Any, tensors: list) -> Any:

@@ -67,7 +67,7 @@ _TINY = {
     "vocab_size": VOCAB, "max_position_embeddings": 64, "n_positions": 64, "max_seq_len": 64, "seq_length": 64,
     # MoE: 4 experts, top-2, one shared expert, a dense first layer then MoE
     "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS, "moe_num_experts": EXPERTS, "num_experts_per_tok": 2,
-    "moe_topk": 2, "top_k": 2, "n_shared_experts": 1, "num_shared_experts": 1, "first_k_dense_replace": 1,
+    "moe_topk": 2, "top_k": 2, "moe_k": 2, "num_experts_per_token": 2, "moe_num_shared_experts": 1, "n_shared_experts": 1, "num_shared_experts": 1, "first_k_dense_replace": 1,
     "n_group": 1, "topk_group": 1, "decoder_sparse_step": 1,
     # MLA
     "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
@@ -85,6 +85,8 @@ def _shrink(values: dict, default_layers: Optional[int]) -> dict:
     for key, value in values.items():
         if key in _TINY and isinstance(value, int) and not isinstance(value, bool):
             out[key] = _TINY[key]
+        elif key in ("head_dim", "num_key_value_heads") and value is None:
+            out[key] = _TINY[key]  # derived from other fields when unset; set it to keep the sizes consistent
         elif "dropout" in key or "pdrop" in key:
             out[key] = 0.0 if isinstance(value, float) else value
         elif isinstance(value, list) and default_layers and len(value) == default_layers and default_layers > 2:
@@ -118,7 +120,7 @@ def tiny_config(model_type: str):
 def ffn_widths(config) -> set[int]:
     """The feed-forward widths of the built config (what the sweep calls feed-forward parameters)."""
     text = config.get_text_config()
-    widths = set()
+    widths = {4 * HIDDEN}  # the conventional width where a config derives it (BLOOM, Falcon, ...)
     for key in _TINY:
         if key in FFN_WIDTHS.keys() | {"n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "inner_hidden_size",
                                         "expert_intermediate_size"}:
@@ -132,7 +134,7 @@ def ffn_widths(config) -> set[int]:
 class Result:
     arch: str
     cls: str
-    status: str  # tiled | partial | mismatch | untiled | build-failed | run-failed | transform-failed | crashed | timeout
+    status: str  # tiled | partial | untiled | no-ffn | mismatch | build-failed | run-failed | transform-failed | crashed | timeout
     layers: int = 0
     tiled_layers: int = 0
     patterns: list = field(default_factory=list)  # per decoder layer: sorted patterns found in it
@@ -189,23 +191,24 @@ def _ffn_parameters(layer, widths: set[int]) -> list:
         (p.dim() == 3 and p.shape[0] == EXPERTS) or (p.dim() != 3 and any(s in widths for s in p.shape)))]
 
 
-def _layer_coverage(model, layers: list, widths: set[int]) -> tuple[int, list, str]:
+def _layer_coverage(model, layers: list, widths: set[int]) -> tuple[int, int, list, str]:
+    """(layers tiled, layers without feed-forward parameters, patterns per layer, what is missing)."""
     read, patterns = _tiled_tensors(model)
-    tiled, per_layer, missing_all = 0, [], []
+    tiled, no_ffn, per_layer, missing_all = 0, 0, [], []
     for index, layer in enumerate(layers):
         found = sorted(p for m in layer.modules() for p in patterns.get(id(m), []))
         per_layer.append(found)
         ffn = _ffn_parameters(layer, widths)
         missing = [n for n, p in ffn if id(p) not in read]
         if not ffn and not found:
-            missing_all.append(f"layer {index}: no feed-forward parameters")
+            no_ffn += 1
         elif found and not missing:
             tiled += 1
         elif missing:
             missing_all.append(f"layer {index}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} not tiled")
         else:
             missing_all.append(f"layer {index}: nothing tiled")
-    return tiled, per_layer, "; ".join(missing_all)
+    return tiled, no_ffn, per_layer, "; ".join(missing_all)
 
 
 def _inputs(model):
@@ -271,7 +274,7 @@ def check(model_type: str) -> Result:
     except Exception as exc:  # noqa: BLE001
         result.status, result.detail = "transform-failed", _reason(exc, tb=True)
         return _done(result, start)
-    result.tiled_layers, result.patterns, missing = _layer_coverage(tiled, _decoder_layers(tiled), ffn_widths(config))
+    result.tiled_layers, no_ffn, result.patterns, missing = _layer_coverage(tiled, _decoder_layers(tiled), ffn_widths(config))
     worst, bad = 0.0, []
     for i, (a, b) in enumerate(zip(ref_terms, got_terms)):
         ok, err = _compare(a, b)
@@ -292,8 +295,12 @@ def check(model_type: str) -> Result:
     skipped = fxtile.find(tiled).skipped
     if bad:
         result.status, result.detail = "mismatch", ", ".join(bad[:5])
-    elif result.layers and result.tiled_layers == result.layers:
+    elif result.layers and no_ffn == result.layers:
+        result.status, result.detail = "no-ffn", "no decoder layer has feed-forward parameters (sequence mixers only)"
+    elif result.layers and result.tiled_layers + no_ffn == result.layers:
         result.status = "tiled"
+        if no_ffn:
+            result.detail = f"{no_ffn} layer(s) without feed-forward parameters"
     else:
         result.status = "partial" if result.tiled_layers else "untiled"
         why = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:2])
@@ -398,7 +405,7 @@ def sweep(archs: list[str], workers: int = 2, timeout: float = 120.0, mem_gb: fl
 
 
 def summary(results: list[Result]) -> dict:
-    built = [r for r in results if r.status not in ("build-failed", "run-failed")]
+    built = [r for r in results if r.status not in ("build-failed", "run-failed", "no-ffn")]
     tiled = [r for r in built if r.status == "tiled"]
     return {"registered": len(results), "built": len(built), "tiled_every_layer_exact": len(tiled),
             "percent": round(100.0 * len(tiled) / max(1, len(built)), 1)}
