@@ -15,8 +15,9 @@ Tiling the call over rows is exact only if every output row depends on its own i
 call cannot show that in a graph, so the matcher checks it on the module itself: a small probe runs
 it on a few random rows at once and in two pieces and requires the same rows back.
 
-Matching is by shape only: a module whose direct parameters all stack ``E >= 2`` experts on dim 0,
-at least two of them 3-D, with one width ``H`` shared by every 3-D parameter (the hidden size).
+Matching is by shape only: a module with at least two direct 3-D parameters stacking ``E >= 2``
+experts on dim 0 (biases ``[E, X]`` allowed), with one width ``H`` shared by every 3-D parameter (the
+hidden size); then the probe decides.
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ def _stacked(module: nn.Module) -> tuple[int, list[torch.Tensor]] | None:
     three_d = [p for p in params if p.dim() == 3]
     if len(three_d) < 2:
         return None
-    experts = three_d[0].shape[0]
-    if experts < 2 or any(p.dim() < 2 or p.shape[0] != experts for p in params):
+    experts = min(p.shape[0] for p in three_d)  # a bank may append parameter-free (zero/identity) experts
+    if experts < 2 or any(p.dim() < 2 for p in params):
         return None
     return experts, three_d
 
 
 def looks_like_experts(module: nn.Module) -> bool:
-    """Stacked per-expert weights: all direct parameters share dim 0 (E >= 2), two or more are 3-D."""
+    """Stacked per-expert weights: two or more direct 3-D parameters (E >= 2 on dim 0), none 1-D."""
     return _stacked(module) is not None
 
 

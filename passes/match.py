@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
-from .pointwise import is_metadata, is_pointwise, is_random, static_operand_ok
+from .pointwise import is_metadata, is_pointwise, is_random, is_row_norm, static_operand_ok
 from .trace import is_linear_like
 
 __all__ = ["Candidate", "Rejection", "find_candidates"]
@@ -250,6 +250,10 @@ def _instances(graph: nx.DiGraph, pattern: nx.DiGraph) -> list[dict[str, fx.Node
 
 
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A nonlinearity: not bookkeeping (casts, scalings, dropout) and not a row norm (a norm between
+    two projections, as in MLA's ``q_b(norm(q_a(x)))``, is a low-rank projection, not an MLP)."""
+    if is_row_norm(gm, node) or is_metadata(node):
+        return False
     if node.op == "call_module":
         from torch import nn
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RANDOM_TARGETS", "is_metadata", "is_pointwise", "is_random", "static_operand_ok"]
+__all__ = ["RANDOM_TARGETS", "is_metadata", "is_pointwise", "is_random", "is_row_norm", "static_operand_ok"]
 
 _FUNCTION_NAMES = {
     "silu", "gelu", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "mish", "hardswish",
@@ -91,6 +91,13 @@ def _is_row_reduction(node: fx.Node) -> bool:
         return False
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     return dim in (-1, (-1,), [-1]) and node.kwargs.get("keepdim", False) is True
+
+
+def is_row_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A norm module or function, or a reduction over the features: token-wise, but no activation."""
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), _NORM_MODULES)
+    return _is_row_reduction(node) or node.target in ("rsqrt", torch.rsqrt)
 
 
 def is_metadata(node: fx.Node) -> bool:

@@ -67,11 +67,13 @@ _TINY = {
     "vocab_size": VOCAB, "max_position_embeddings": 64, "n_positions": 64, "max_seq_len": 64, "seq_length": 64,
     # MoE: 4 experts, top-2, one shared expert, a dense first layer then MoE
     "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS, "moe_num_experts": EXPERTS, "num_experts_per_tok": 2,
-    "moe_topk": 2, "top_k": 2, "moe_k": 2, "num_experts_per_token": 2, "moe_num_shared_experts": 1, "n_shared_experts": 1, "num_shared_experts": 1, "first_k_dense_replace": 1,
+    "moe_topk": 2, "top_k": 2, "moe_k": 2, "num_experts_per_token": 2, "moe_num_shared_experts": 1,
+    "zero_expert_num": 2, "expert_ffn_hidden_size": FFN_WIDTHS["moe_intermediate_size"],
+    "n_shared_experts": 1, "num_shared_experts": 1, "first_k_dense_replace": 1,
     "n_group": 1, "topk_group": 1, "decoder_sparse_step": 1,
     # MLA
     "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
-    "num_nextn_predict_layers": 0, "rotary_dim": 8, "vocab_size_per_layer_input": VOCAB,
+    "num_nextn_predict_layers": 0, "index_head_dim": 8, "index_n_heads": 2, "index_topk": 4, "rotary_dim": 8, "vocab_size_per_layer_input": VOCAB,
 }
 
 
@@ -85,7 +87,7 @@ def _shrink(values: dict, default_layers: Optional[int]) -> dict:
     for key, value in values.items():
         if key in _TINY and isinstance(value, int) and not isinstance(value, bool):
             out[key] = _TINY[key]
-        elif key in ("head_dim", "num_key_value_heads") and value is None:
+        elif key in ("head_dim", "num_key_value_heads", "num_experts_per_tok") and value is None:
             out[key] = _TINY[key]  # derived from other fields when unset; set it to keep the sizes consistent
         elif "dropout" in key or "pdrop" in key:
             out[key] = 0.0 if isinstance(value, float) else value
@@ -120,14 +122,14 @@ def tiny_config(model_type: str):
 def ffn_widths(config) -> set[int]:
     """The feed-forward widths of the built config (what the sweep calls feed-forward parameters)."""
     text = config.get_text_config()
-    widths = {4 * HIDDEN}  # the conventional width where a config derives it (BLOOM, Falcon, ...)
+    widths = set()
     for key in _TINY:
-        if key in FFN_WIDTHS.keys() | {"n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "inner_hidden_size",
+        if key in FFN_WIDTHS.keys() | {"n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "inner_hidden_size", "expert_ffn_hidden_size",
                                         "expert_intermediate_size"}:
             value = getattr(text, key, None)
             if isinstance(value, int) and value not in (HIDDEN, 0):
                 widths.add(value)
-    return widths
+    return widths or {4 * HIDDEN}  # no width field: the conventional 4 x hidden (BLOOM, MPT, ...)
 
 
 @dataclass
@@ -147,7 +149,7 @@ def _decoder_layers(model) -> list:
     """The ModuleList holding the most parameters (the decoder stack, whatever it is called)."""
     best, best_size = None, -1
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2:
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 1:
             size = sum(p.numel() for p in module.parameters())
             if size > best_size:
                 best, best_size = module, size
@@ -182,13 +184,14 @@ def _is_param(module, path: str) -> bool:
 
 def _ffn_parameters(layer, widths: set[int]) -> list:
     """The layer's feed-forward parameters, by shape: stacked expert tensors ([E, ., .], E = the
-    configured expert count) and tensors with a feed-forward width, except inside a sequence mixer
+    configured expert count) and matrices with a feed-forward width (1-D norm scales and biases are
+    left out: attention norms can share a width with the feed-forward), except inside a sequence mixer
     (a module holding a convolution over the sequence: Mamba/SSM/short-conv blocks, whose widths may
     coincide with ``intermediate_size`` but which are not feed-forward and mix tokens)."""
     mixers = [m for m in layer.modules() if any(isinstance(c, torch.nn.Conv1d) for c in m.children())]
     mixer_params = {id(p) for m in mixers for p in m.parameters()}
     return [(n, p) for n, p in layer.named_parameters() if id(p) not in mixer_params and (
-        (p.dim() == 3 and p.shape[0] == EXPERTS) or (p.dim() != 3 and any(s in widths for s in p.shape)))]
+        (p.dim() == 3 and p.shape[0] == EXPERTS) or (p.dim() == 2 and any(s in widths for s in p.shape)))]
 
 
 def _layer_coverage(model, layers: list, widths: set[int]) -> tuple[int, int, list, str]:
@@ -264,7 +267,12 @@ def check(model_type: str) -> Result:
         return _done(result, start)
     model.zero_grad(set_to_none=True)
     try:
-        tiled = copy.deepcopy(model)
+        try:
+            tiled = copy.deepcopy(model)
+        except RuntimeError:  # a model holding non-leaf tensors cannot be deep-copied: build it again
+            torch.manual_seed(0)
+            tiled = getattr(transformers, cls_name)(config).float().eval()
+            tiled.load_state_dict(model.state_dict())
         import warnings
 
         with warnings.catch_warnings():
