@@ -92,7 +92,10 @@ def _shrink(values: dict, default_layers: Optional[int]) -> dict:
         elif "dropout" in key or "pdrop" in key:
             out[key] = 0.0 if isinstance(value, float) else value
         elif isinstance(value, list) and default_layers and len(value) == default_layers and default_layers > 2:
-            out[key] = value[:1] + value[-1:]  # per-layer lists (layer_types, ...): keep the first and last kind
+            other = next((v for v in value if v != value[0]), value[-1])
+            out[key] = [value[0], other]  # per-layer lists (layer_types, ...): the first kind and another one
+        elif key == "hybrid_layer_ids" and isinstance(value, list):
+            out[key] = [1]  # Zamba2: the shared transformer block (with the MLP) on the second layer
         elif isinstance(value, dict) and "model_type" in value:
             out[key] = _shrink(value, _layers(value))
         elif key.endswith("token_id") and isinstance(value, int) and value >= VOCAB:
