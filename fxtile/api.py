@@ -257,9 +257,10 @@ def _bank_match(path: str, bank: ExpertsMatch, policy: Optional[ShardPolicy]) ->
 def _tiled_bank(module: nn.Module, bank: ExpertsMatch, policy: ShardPolicy) -> fx.GraphModule:
     """The bank's own forward, sharded: the op runs a meta copy of the bank on each row range."""
     template_id = register_template(meta_template(module, bank.tensor_names), bank.tensor_names)
+    children = tuple(name for name, _ in module.named_children())  # they carry the train/eval mode
     target = TiledRegion(
-        template_id, (), (), bank.tensor_names, policy, bank.hidden_size, bank.intermediate_size, False,
-        "routed_experts_0",
+        template_id, children, tuple(type(module.get_submodule(c)) for c in children), bank.tensor_names, policy,
+        bank.hidden_size, bank.intermediate_size, False, "routed_experts_0",
     )
     return experts_forward(module, bank, target)
 

@@ -139,14 +139,15 @@ def match_experts(module: nn.Module) -> ExpertsMatch | str | None:
 
 
 def experts_forward(module: nn.Module, match: ExpertsMatch, target: object) -> fx.GraphModule:
-    """A forward for ``module`` that calls ``target((x, ids, weights), (), (bank tensors...))``.
+    """A forward for ``module`` that calls ``target((x, ids, weights), (children...), (bank tensors...))``.
 
     Built as an fx graph rooted at the bank itself, so it reads the bank's live parameters and can
     be bound to the same instance like any other rewritten forward.
     """
     graph = fx.Graph()
     rows = tuple(graph.placeholder(name) for name in match.arg_names)
+    modules = tuple(graph.get_attr(name) for name in getattr(target, "module_paths", ()))
     tensors = tuple(graph.get_attr(name) for name in match.tensor_names)
-    graph.output(graph.call_function(target, (rows, (), tensors)))
+    graph.output(graph.call_function(target, (rows, modules, tensors)))
     graph.lint()
     return fx.GraphModule(module, graph, type(module).__name__)

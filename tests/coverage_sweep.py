@@ -72,6 +72,8 @@ _TINY = {
     "n_shared_experts": 1, "num_shared_experts": 1, "first_k_dense_replace": 1,
     "n_group": 1, "topk_group": 1, "decoder_sparse_step": 1,
     # MLA
+    # state-space mixers: widths consistent with 4 heads x 8
+    "expand": 1, "mamba_expand": 1, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_ssm": 32,
     "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
     "num_nextn_predict_layers": 0, "index_head_dim": 8, "index_n_heads": 2, "index_topk": 4, "rotary_dim": 8, "vocab_size_per_layer_input": VOCAB,
 }
@@ -115,11 +117,22 @@ def _layers(values: dict) -> Optional[int]:
 
 
 def tiny_config(model_type: str):
-    """The config class's defaults with every size field shrunk (sub-configs too)."""
-    cls = CONFIG_MAPPING[model_type]
+    """The config class's defaults with every size field shrunk (sub-configs too).
+
+    The class is the causal-LM class's own ``config_class`` where it differs from the registered one
+    (``Llama4ForCausalLM`` takes ``Llama4TextConfig``, not ``Llama4Config``). A config whose validation
+    refuses top-2 routing is built with top-1.
+    """
+    model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    cls = getattr(model_cls, "config_class", None) or CONFIG_MAPPING[model_type]
     default = cls().to_dict()
     kwargs = _shrink(default, _layers(default))
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except Exception as exc:  # noqa: BLE001
+        if "num_experts_per_tok" not in str(exc) or "num_experts_per_tok" not in kwargs:
+            raise
+        return cls(**{**kwargs, "num_experts_per_tok": 1})
 
 
 def ffn_widths(config) -> set[int]:

@@ -59,6 +59,7 @@ def test_coverage_summary(sweep_results):
     results = list(sweep_results.values())
     summary = S.summary(results)
     assert summary["built"] > 0
-    if _CHOICE == "all":
-        assert summary["registered"] == len(S.architectures()) >= 150, "the sweep must cover every registered causal LM"
+    if _CHOICE != "all":
+        pytest.skip(f"coverage of a chosen subset (FXTILE_COVERAGE={_CHOICE}): {summary}")
+    assert summary["registered"] == len(S.architectures()) >= 150, "the sweep must cover every registered causal LM"
     assert summary["percent"] >= 95.0, f"coverage {summary}:\n{S.format_table(results)}"
