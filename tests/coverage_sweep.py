@@ -446,7 +446,7 @@ def format_table(results: list[Result]) -> str:
         rows.append(f"| {r.arch} | {r.cls} | {pats} | {status} | {err} | {r.detail.replace('|', '/')[:150]} |")
     s = summary(results)
     rows.append("")
-    rows.append(f"{s['registered']} registered, {s['built']} build and run from a tiny config, "
+    rows.append(f"{s['registered']} registered, {s['built']} build and run from a tiny config and have feed-forward layers, "
                 f"{s['tiled_every_layer_exact']} tiled in every layer with exact logits and gradients "
                 f"({s['percent']}% of those that build).")
     return "\n".join(rows)
