@@ -321,3 +321,28 @@ def test_parametrized_activations_and_row_norms_inside_the_mlp(cls, pattern):
 
 def test_a_reduction_over_tokens_inside_the_mlp_is_never_tiled():
     assert fxtile.find(TokenCentered()) == []
+
+
+# --- the new region kinds keep the invariants: re-tile, restore, deepcopy ----------------------
+
+
+@pytest.mark.parametrize("make, inputs", [
+    (MoE, lambda: (torch.randn(2, 7, H),)),
+    (InlineLayer, lambda: (torch.randn(2, 7, H),)),
+])
+def test_new_region_kinds_retile_restore_and_deepcopy(make, inputs):
+    torch.manual_seed(0)
+    model = make()
+    reference = copy.deepcopy(model)
+    x = inputs()
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    fxtile.transform(model, shards=2)
+    fxtile.transform(model, shards=5)  # a new shard count re-tiles
+    assert [m.shards for m in fxtile.find(model)] == ["5"]
+    torch.testing.assert_close(first(model(*x)), first(reference(*x)), rtol=1e-5, atol=1e-6)
+    clone = copy.deepcopy(model)  # independent weights, still tiled
+    assert all(m.tiled for m in fxtile.find(clone))
+    torch.testing.assert_close(first(clone(*x)), first(reference(*x)), rtol=1e-5, atol=1e-6)
+    assert fxtile.restore(model) is model
+    assert not any("forward" in m.__dict__ or "_fxtile" in m.__dict__ for m in model.modules())
+    assert torch.equal(first(model(*x)), first(reference(*x)))
