@@ -84,7 +84,8 @@ def call_spec(signature: inspect.Signature, training: bool, args: tuple, kwargs:
             sub = _leaf_layout(value, tensors)
         if sub is None:
             return None
-        layout.append((name, "*" if kind is inspect.Parameter.VAR_POSITIONAL else "", sub))
+        tag = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.POSITIONAL_ONLY: "/"}.get(kind, "")
+        layout.append((name, tag, sub))
     layout_t = tuple(layout)
     return CallSpec((training, layout_t), layout_t), tensors
 
@@ -135,9 +136,10 @@ class _Root(nn.Module):
                 kwargs.update({key: _rebuild(s, pool) for key, s in sub})
             elif kind == "*":
                 args.extend(_rebuild(sub, pool))
+            elif kind == "/":  # positional-only: cannot go by name
+                args.append(_rebuild(sub, pool))
             else:
                 kwargs[name] = _rebuild(sub, pool)
-        # positional-only parameters cannot go by name
         return self._forward(self.inner, *args, **kwargs)
 
 

@@ -346,3 +346,28 @@ def test_new_region_kinds_retile_restore_and_deepcopy(make, inputs):
     assert fxtile.restore(model) is model
     assert not any("forward" in m.__dict__ or "_fxtile" in m.__dict__ for m in model.modules())
     assert torch.equal(first(model(*x)), first(reference(*x)))
+
+
+class PositionalOnly(nn.Module):
+    """``forward(x, /, flag=False, *rest)``: positional-only and variadic arguments survive the keying."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.a, self.b = Mixer(), nn.Linear(H, I), nn.Linear(I, H)
+
+    def forward(self, x, /, flag=False, *rest):
+        x = x + self.mix(x)[0]
+        if flag:
+            x = x * 2
+        return x + self.b(F.relu(self.a(x))) + sum(rest)
+
+
+def test_positional_only_and_variadic_arguments():
+    torch.manual_seed(0)
+    model = PositionalOnly()
+    tiled = tiled_copy(model, shards=3)
+    x = torch.randn(2, 5, H)
+    for args in [(), (True,), (False, torch.ones(H), torch.ones(H))]:
+        torch.testing.assert_close(tiled(x, *args), model(x, *args))
+    assert len(tiled._fxtile.specialized.cache) == 3
+    assert_same_outputs_and_grads(model, tiled, x.requires_grad_())
