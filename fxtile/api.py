@@ -10,6 +10,7 @@ they are, and ``restore`` removes that attribute to bring back the original forw
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 import warnings
@@ -19,8 +20,10 @@ from typing import Callable, Iterator, Optional
 import torch.fx as fx
 from torch import nn
 
+from passes.experts import ExpertsMatch, experts_forward, looks_like_experts, match_experts
 from passes.match import Candidate, find_candidates
 from passes.rewrite import MODULE_HOOKS, extract_region, meta_template, region_inputs, rewrite
+from passes.specialize import call_spec, default_spec, trace_call
 from passes.trace import is_linear_like, linear_dims, trace
 
 from . import distributed
@@ -75,16 +78,35 @@ class Matches(list):
 
 @dataclass
 class _TileState:
-    graph_module: fx.GraphModule
+    graph_module: Optional[fx.GraphModule]  # None for a block traced per call (see specialized)
     matches: list[Match]
     policy: ShardPolicy
     forward_fn: Callable  # the rewritten forward (a deepcopy shares it: functions copy by reference)
     previous_forward: Optional[Callable] = None  # an instance-level forward we replaced (e.g. a hook wrapper)
+    experts: bool = False  # a routed expert bank (passes.experts), not an fx-matched region
+    specialized: Optional["_Specialized"] = None  # traced per call signature (passes.specialize)
+
+
+class _SpecCache(dict):
+    """Call key -> tiled graph (or None: run the original forward). Not copied by deepcopy: a copy
+    re-traces on its first calls, so no graph of the copy points at the original's modules."""
+
+    def __deepcopy__(self, memo: dict) -> "_SpecCache":
+        return _SpecCache()
+
+
+@dataclass
+class _Specialized:
+    path: str
+    signature: inspect.Signature
+    cache: _SpecCache = field(default_factory=_SpecCache)
 
 
 @dataclass
 class _Plan:
     owners: list[tuple[str, nn.Module, fx.GraphModule, list[Candidate]]] = field(default_factory=list)
+    banks: list[tuple[str, nn.Module, ExpertsMatch]] = field(default_factory=list)
+    deferred: list[tuple[str, nn.Module, list[Candidate]]] = field(default_factory=list)
     tiled: list[tuple[str, nn.Module]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
 
@@ -98,9 +120,14 @@ def _linear_leaves(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def _projections(module: nn.Module) -> int:
-    """Linear-like leaves plus bare 2-D parameters (``F.linear`` on raw weights): what an MLP needs two of."""
+    """Linear-like leaves plus bare 2-D parameters (``F.linear`` on raw weights): what an MLP needs two of.
+
+    A routed expert bank (stacked 3-D weights) counts as two: it holds whole MLPs.
+    """
     if is_linear_like(module):
         return 1
+    if looks_like_experts(module):
+        return 2
     bare = sum(1 for p in module.parameters(recurse=False) if p.dim() == 2)
     return bare + sum(_projections(child) for child in module.children())
 
@@ -134,6 +161,8 @@ def _plan(model: nn.Module, filter_fn: Optional[FilterFn]) -> _Plan:
             return True
         if is_linear_like(module) or _projections(module) < 2:
             return False
+        if looks_like_experts(module):
+            return visit_bank(path, module)
         reported = len(plan.skipped)
         found = False
         for name, child in module.named_children():
@@ -144,6 +173,12 @@ def _plan(model: nn.Module, filter_fn: Optional[FilterFn]) -> _Plan:
             return False
         result = trace(module)
         quiet = len(plan.skipped) > reported  # a descendant already said why: do not repeat it
+        if result.graph_module is None and _looks_like_mlp(module):
+            candidates = _default_call_candidates(module)
+            if candidates:  # traced per call signature, untraceable parts as leaves
+                del plan.skipped[reported:]
+                plan.deferred.append((path, module, candidates))
+                return True
         if result.graph_module is None:
             if not quiet and _looks_like_mlp(module):
                 plan.skipped.append(Skipped(path, result.reason or "not traced"))
@@ -156,8 +191,79 @@ def _plan(model: nn.Module, filter_fn: Optional[FilterFn]) -> _Plan:
             plan.skipped += [Skipped(path, f"MLP-shaped nodes {', '.join(r.nodes)}: {r.reason}") for r in rejections]
         return False
 
+    def visit_bank(path: str, module: nn.Module) -> bool:
+        if filter_fn is not None and not filter_fn(module, path):
+            return False
+        found = match_experts(module)
+        if isinstance(found, ExpertsMatch):
+            plan.banks.append((path, module, found))
+            return True
+        plan.skipped.append(Skipped(path, f"expert bank: {found}"))
+        return False
+
     visit("", model)
     return plan
+
+
+def _default_call_candidates(module: nn.Module) -> list[Candidate]:
+    """The regions of ``module(x)`` traced with its optional arguments at their defaults."""
+    found = default_spec(module)
+    if found is None:
+        return []
+    gm = trace_call(module, found[0])
+    if isinstance(gm, str):
+        return []
+    return find_candidates(gm)[0]
+
+
+def _specialized_forward(self: nn.Module, *args, **kwargs):
+    """Forward of a block traced per call: the tiled graph for this call's key, or the original forward."""
+    state: _TileState = self.__dict__[_STATE]
+    spec = state.specialized
+    assert spec is not None
+    original = state.previous_forward or types.MethodType(type(self).forward, self)
+    keyed = call_spec(spec.signature, self.training, args, kwargs)
+    if keyed is None:
+        return original(*args, **kwargs)
+    call, tensors = keyed
+    if call.key not in spec.cache:
+        spec.cache[call.key] = _build_specialized(self, call, spec.path, state.policy)
+    gm = spec.cache[call.key]
+    if gm is None:
+        return original(*args, **kwargs)
+    return gm(*tensors)
+
+
+def _build_specialized(module: nn.Module, call, path: str, policy: ShardPolicy) -> Optional[fx.GraphModule]:
+    gm = trace_call(module, call)
+    if isinstance(gm, str):
+        logger.info("fxtile: %s runs untiled for this call: %s", path, gm)
+        return None
+    candidates = find_candidates(gm)[0]
+    if not candidates:
+        logger.info("fxtile: %s runs untiled for this call: no MLP region in its graph", path)
+        return None
+    return _tiled_forward(path, gm, candidates, policy)
+
+
+def _bank_match(path: str, bank: ExpertsMatch, policy: Optional[ShardPolicy]) -> Match:
+    return Match(
+        path=path, pattern="routed_experts", roles={"experts": ", ".join(bank.tensor_names)},
+        activation=bank.activation, hidden_size=bank.hidden_size, intermediate_size=bank.intermediate_size,
+        nodes=(path.rsplit(".", 1)[-1] or "experts",), tiled=policy is not None,
+        shards=policy.describe() if policy is not None else None,
+    )
+
+
+def _tiled_bank(module: nn.Module, bank: ExpertsMatch, policy: ShardPolicy) -> fx.GraphModule:
+    """The bank's own forward, sharded: the op runs a meta copy of the bank on each row range."""
+    template_id = register_template(meta_template(module, bank.tensor_names), bank.tensor_names)
+    children = tuple(name for name, _ in module.named_children())  # they carry the train/eval mode
+    target = TiledRegion(
+        template_id, children, tuple(type(module.get_submodule(c)) for c in children), bank.tensor_names, policy,
+        bank.hidden_size, bank.intermediate_size, False, "routed_experts_0",
+    )
+    return experts_forward(module, bank, target)
 
 
 def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None) -> Matches:
@@ -171,6 +277,8 @@ def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None) -> Matches:
     plan = _plan(model, filter_fn)
     matches = [m for _, module in plan.tiled for m in getattr(module, _STATE).matches]
     matches += [_to_match(path, c, None) for path, _, _, cands in plan.owners for c in cands]
+    matches += [_bank_match(path, bank, None) for path, _, bank in plan.banks]
+    matches += [_to_match(path, c, None) for path, _, cands in plan.deferred for c in cands]
     return Matches(matches, plan.skipped)
 
 
@@ -257,15 +365,30 @@ def transform(model: nn.Module, shards: object = "auto", *, filter_fn: Optional[
         state: _TileState = getattr(module, _STATE)
         if state.policy != policy:
             _uninstall(module)
+            if state.specialized is not None:
+                plan.deferred.append((path, module, _default_call_candidates(module)))
+                continue
+            if state.experts:
+                bank = match_experts(module)
+                assert isinstance(bank, ExpertsMatch)  # it matched before
+                plan.banks.append((path, module, bank))
+                continue
             gm = trace(module).graph_module
             assert gm is not None  # it traced before
             plan.owners.append((path, module, gm, find_candidates(gm)[0]))
     built = [(path, module, _tiled_forward(path, gm, cands, policy), cands) for path, module, gm, cands in plan.owners]
+    banks = [(path, module, _tiled_bank(module, bank, policy), bank) for path, module, bank in plan.banks]
     for path, module, gm, cands in built:  # install only once every rewrite succeeded
         _install(module, _TileState(gm, [_to_match(path, c, policy) for c in cands], policy, type(gm).forward))
+    for path, module, cands in plan.deferred:
+        spec = _Specialized(path, inspect.signature(module.forward))
+        matches = [_to_match(path, c, policy) for c in cands]
+        _install(module, _TileState(None, matches, policy, _specialized_forward, specialized=spec))
+    for path, module, gm, bank in banks:
+        _install(module, _TileState(gm, [_bank_match(path, bank, policy)], policy, type(gm).forward, experts=True))
     for skip in plan.skipped:
         logger.info("fxtile: not tiling %s: %s", skip.path or type(model).__name__, skip.reason)
-    if not built and not plan.tiled:
+    if not built and not banks and not plan.deferred and not plan.tiled:
         warnings.warn(
             f"fxtile.transform found no MLP to tile in {type(model).__name__}; "
             "see fxtile.find(model).skipped for the blocks it looked at and why",

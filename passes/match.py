@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
-from .pointwise import is_pointwise, is_random, static_operand_ok
+from .pointwise import is_metadata, is_pointwise, is_random, is_row_norm, static_operand_ok
 from .trace import is_linear_like
 
 __all__ = ["Candidate", "Rejection", "find_candidates"]
@@ -127,7 +127,7 @@ def _label(gm: fx.GraphModule) -> _Labels:
             labels.kind[node] = OTHER
             continue
         inputs = [a for a in node.all_input_nodes if a in flowing]
-        if node.op in ("get_attr", "output") or not inputs:
+        if node.op in ("get_attr", "output") or not inputs or is_metadata(node):
             labels.kind[node] = _STATIC if node.op != "output" else OTHER
             continue
         flowing.add(node)
@@ -153,8 +153,8 @@ def _classify(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], labels: 
     if not is_pointwise(gm, node):
         return OTHER
     statics = [a for a in node.all_input_nodes if a not in inputs]
-    if any(a.op != "get_attr" or not static_operand_ok(_fetch(gm, a)) for a in statics):
-        return OTHER  # a parameter that broadcasts over tokens, or one computed in forward
+    if not all(_static_ok(gm, a) for a in statics):
+        return OTHER  # a parameter that broadcasts over tokens, or one computed from the activations
     origins = frozenset().union(*(labels.anchors_of(a) for a in inputs))
     if len(origins) == 1:
         labels.origins[node] = origins
@@ -162,6 +162,18 @@ def _classify(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], labels: 
     if len(origins) == 2 and len(inputs) == 2 and node.target in _MUL_TARGETS:
         return JOIN
     return OTHER
+
+
+def _static_ok(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A static operand may enter a region: a parameter that broadcasts over features only, a
+    tensor's dtype/device, or an element-wise function of those (``softplus(self.alpha)``)."""
+    if node.op == "get_attr":
+        return static_operand_ok(_fetch(gm, node))
+    if is_metadata(node):
+        return True
+    if node.op == "placeholder" or not is_pointwise(gm, node):
+        return False
+    return all(_static_ok(gm, a) for a in node.all_input_nodes)
 
 
 def _folded_between(labels: _Labels, node: fx.Node) -> list[fx.Node]:
@@ -238,6 +250,10 @@ def _instances(graph: nx.DiGraph, pattern: nx.DiGraph) -> list[dict[str, fx.Node
 
 
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A nonlinearity: not bookkeeping (casts, scalings, dropout) and not a row norm (a norm between
+    two projections, as in MLA's ``q_b(norm(q_a(x)))``, is a low-rank projection, not an MLP)."""
+    if is_row_norm(gm, node) or is_metadata(node):
+        return False
     if node.op == "call_module":
         from torch import nn
 
@@ -297,7 +313,9 @@ def _build(gm: fx.GraphModule, labels: _Labels, name: str, inst: dict[str, fx.No
     folded = [n for j in joins for a in _flowing_inputs(labels, j) for n in _folded_between(labels, a)]
     if name == "gated_fused":  # the split node(s) between the fused projection and its halves
         folded += [a for p in (inst["a"], inst["b"]) for a in _flowing_inputs(labels, p) if a is not first]
-    nodes = sorted(set(core) | set(folded) | {last}, key=labels.order.__getitem__)
+    region = set(core) | set(folded) | {last}
+    region |= {u for n in region for u in n.users if is_metadata(u)}  # x.dtype of an inside value
+    nodes = sorted(region, key=labels.order.__getitem__)
 
     gate_side = {}
     if name != "plain":

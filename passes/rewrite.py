@@ -44,10 +44,18 @@ def extract_region(gm: fx.GraphModule, cand: Candidate) -> fx.GraphModule:
     """The region as a standalone ``GraphModule`` of its activation inputs (shares ``gm``'s submodules)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {node: graph.placeholder(f"x{i}") for i, node in enumerate(cand.inputs)}
+
+    def copy_static(node: fx.Node) -> None:
+        """Parameters and element-wise functions of them (``softplus(self.alpha)``), recomputed inside."""
+        for arg in node.all_input_nodes:
+            if arg not in env:
+                copy_static(arg)
+        env[node] = graph.node_copy(node, env.__getitem__)
+
     for node in cand.nodes:
         for arg in node.all_input_nodes:
-            if arg not in env:  # only parameters can enter besides x (checked by the matcher)
-                env[arg] = graph.node_copy(arg)
+            if arg not in env:  # only static operands can enter besides the inputs (checked by the matcher)
+                copy_static(arg)
         env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(env[cand.exit])
     return fx.GraphModule(gm, graph, "FxtileRegion")

@@ -92,13 +92,13 @@ def _concrete_args(module: nn.Module) -> dict[str, object] | None:
 def trace(module: nn.Module) -> TraceResult:
     """Trace ``module.forward`` with :class:`LeafTracer`; never raises for untraceable code.
 
-    The forward must take one required tensor; optional arguments are fixed to their defaults (so
-    the rewritten forward accepts only the required one, which is checked by the caller).
+    Every required argument becomes a placeholder (``BloomMLP.forward(hidden, residual)``); optional
+    arguments are fixed to their defaults, so the rewritten forward accepts the required ones only.
     """
     params = list(inspect.signature(module.forward).parameters.values())
     required = [p for p in params if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(required) != 1:
-        return TraceResult(None, f"forward takes {len(required)} required arguments; fxtile traces blocks with one input")
+    if not required:
+        return TraceResult(None, "forward takes no required argument; fxtile traces blocks called with their input")
     first = _trace_once(module)
     if isinstance(first, str):
         return TraceResult(None, first)

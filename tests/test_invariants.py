@@ -126,7 +126,10 @@ def test_unsafe_blocks_are_never_tiled_and_say_why(cls, reason):
     assert "forward" not in model.__dict__
 
 
-def test_mode_dependent_trace_is_reported():
+def test_mode_dependent_trace_is_traced_per_mode():
+    """``F.dropout(..., self.training)`` bakes the mode into the trace: such a block is traced per call
+    key (which includes ``self.training``), so each mode runs its own graph (mask replay: test_patterns)."""
+
     class DropF(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -136,7 +139,11 @@ def test_mode_dependent_trace_is_reported():
             return self.b(torch.nn.functional.dropout(torch.relu(self.a(z)), 0.1, self.training))
 
     found = fxtile.find(DropF())
-    assert found == [] and "depends on self.training" in found.skipped[0].reason
+    assert [m.pattern for m in found] == ["plain"]
+    model = DropF().eval()
+    tiled = tiled_copy(model, shards=3)
+    assert_same_outputs_and_grads(model, tiled, torch.randn(2, 5, 8, requires_grad=True))
+    assert {key[0] for key in tiled._fxtile.specialized.cache} == {False}
 
 
 def test_filter_fn_selects_blocks_by_name():

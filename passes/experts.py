@@ -1,0 +1,153 @@
+"""Routed experts: find a mixture-of-experts expert bank by shape and tile it over tokens.
+
+Why a separate step: transformers (>= 5) stores the experts of a MoE block as *stacked* parameters
+(``gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``) in one module called as
+``experts(hidden_2d, top_k_index, top_k_weights)``, whose forward dispatches to ``grouped_mm``,
+``batched_mm`` or a per-expert loop. None of those trace with ``torch.fx``, so the expert bank is an
+opaque call, and the region to tile is that call itself, with its three inputs as row-aligned
+activations (one row per token: the hidden state, its top-k expert ids and its routing weights).
+
+The router, the softmax/top-k and any aux loss stay outside the region, untouched: router logits
+keep their gradients, and the routing weights get theirs from the tiled call's backward.
+
+Tiling the call over rows is exact only if every output row depends on its own input rows alone
+(routing per token, no capacity limit that drops tokens by their position in the batch). An opaque
+call cannot show that in a graph, so the matcher checks it on the module itself: a small probe runs
+it on a few random rows at once and in two pieces and requires the same rows back.
+
+Matching is by shape only: a module with at least two direct 3-D parameters stacking ``E >= 2``
+experts on dim 0 (biases ``[E, X]`` allowed), with one width ``H`` shared by every 3-D parameter (the
+hidden size); then the probe decides.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["ExpertsMatch", "experts_forward", "looks_like_experts", "match_experts"]
+
+_PROBE_ROWS = (3, 4)  # two uneven pieces of 7 probe rows
+
+
+@dataclass(frozen=True)
+class ExpertsMatch:
+    """An accepted expert bank: its stacked tensors, sizes and argument names."""
+
+    arg_names: tuple[str, ...]  # hidden rows, expert ids, routing weights
+    tensor_names: tuple[str, ...]  # every parameter of the bank (what the tiled op takes as inputs)
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    activation: str
+
+
+def _stacked(module: nn.Module) -> tuple[int, list[torch.Tensor]] | None:
+    params = list(module.parameters(recurse=False))
+    three_d = [p for p in params if p.dim() == 3]
+    if len(three_d) < 2:
+        return None
+    experts = min(p.shape[0] for p in three_d)  # a bank may append parameter-free (zero/identity) experts
+    if experts < 2 or any(p.dim() < 2 for p in params):
+        return None
+    return experts, three_d
+
+
+def looks_like_experts(module: nn.Module) -> bool:
+    """Stacked per-expert weights: two or more direct 3-D parameters (E >= 2 on dim 0), none 1-D."""
+    return _stacked(module) is not None
+
+
+def _hidden_candidates(three_d: list[torch.Tensor]) -> list[int]:
+    shared = set(three_d[0].shape[1:])
+    for p in three_d[1:]:
+        shared &= set(p.shape[1:])
+    return sorted(shared)
+
+
+def _intermediate(three_d: list[torch.Tensor], hidden: int) -> int:
+    """The narrowest non-hidden width (``I`` when gate and up are fused into ``2I``)."""
+    widths = [s for p in three_d for s in p.shape[1:] if s != hidden]
+    return min(widths) if widths else hidden
+
+
+def _activation(module: nn.Module) -> str:
+    children = list(module.children())
+    return type(children[0]).__name__ if children else "unknown"
+
+
+def _probe(module: nn.Module, names: tuple[str, ...], experts: int, hidden: int, param: torch.Tensor) -> str | None:
+    """None if the bank maps rows independently on random routed rows, else the reason it does not."""
+    rows = sum(_PROBE_ROWS)
+    top_k = min(2, experts)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=gen).to(param.device, param.dtype)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(rows)]).to(param.device)
+    weights = torch.rand(rows, top_k, generator=gen).to(param.device, param.dtype)
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            whole = module(x, ids, weights)
+            lo = _PROBE_ROWS[0]
+            parts = torch.cat([module(x[:lo], ids[:lo], weights[:lo]), module(x[lo:], ids[lo:], weights[lo:])])
+    except Exception as exc:  # noqa: BLE001 - a bank that cannot run on routed rows is not tiled
+        return f"it did not run on {rows} routed rows ({type(exc).__name__}: {str(exc)[:120]})"
+    finally:
+        module.train(was_training)
+    if not isinstance(whole, torch.Tensor) or whole.shape != (rows, hidden):
+        return f"on {rows} routed rows it returned {getattr(whole, 'shape', type(whole).__name__)}, not [{rows}, {hidden}]"
+    scale = max(1.0, whole.abs().max().item())
+    if not torch.allclose(parts, whole, rtol=1e-3, atol=1e-4 * scale):
+        return "its rows depend on other rows (capacity limits or cross-token routing), so it cannot be tiled over tokens"
+    return None
+
+
+def match_experts(module: nn.Module) -> ExpertsMatch | str | None:
+    """An :class:`ExpertsMatch`, a reason to refuse a bank, or ``None`` if ``module`` is no expert bank."""
+    stacked = _stacked(module)
+    if stacked is None:
+        return None
+    experts, three_d = stacked
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return "its forward has no inspectable signature"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in positional[:3]]
+    extra = [p.name for p in params[3:] if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
+             and p.kind is not p.VAR_POSITIONAL]
+    if len(required) != 3 or extra:
+        return (f"its forward takes ({', '.join(p.name for p in params)}), "
+                "not (hidden rows, expert ids, routing weights)")
+    if any(True for _ in module.buffers()):
+        return "it holds buffers, which its forward may update; a recompute would update them again"
+    if three_d[0].device.type == "meta":
+        return "its weights are on the meta device; call fxtile.transform after loading the weights"
+    reasons = []
+    for hidden in _hidden_candidates(three_d):
+        reason = _probe(module, tuple(required), experts, hidden, three_d[0])
+        if reason is None:
+            names = tuple(n for n, _ in module.named_parameters())
+            return ExpertsMatch(tuple(required), names, experts, hidden, _intermediate(three_d, hidden), _activation(module))
+        reasons.append(reason)
+    return reasons[0] if reasons else "its stacked parameters share no hidden width"
+
+
+def experts_forward(module: nn.Module, match: ExpertsMatch, target: object) -> fx.GraphModule:
+    """A forward for ``module`` that calls ``target((x, ids, weights), (children...), (bank tensors...))``.
+
+    Built as an fx graph rooted at the bank itself, so it reads the bank's live parameters and can
+    be bound to the same instance like any other rewritten forward.
+    """
+    graph = fx.Graph()
+    rows = tuple(graph.placeholder(name) for name in match.arg_names)
+    modules = tuple(graph.get_attr(name) for name in getattr(target, "module_paths", ()))
+    tensors = tuple(graph.get_attr(name) for name in match.tensor_names)
+    graph.output(graph.call_function(target, (rows, modules, tensors)))
+    graph.lint()
+    return fx.GraphModule(module, graph, type(module).__name__)
