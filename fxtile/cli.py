@@ -320,7 +320,7 @@ def _table(matches: Matches, memory: dict[tuple[str, tuple[str, ...]], MlpMemory
     for m in matches:
         mem = memory.get((m.path, m.nodes))
         shards = str(mem.shards) if mem else "-"
-        cell = f"{human(mem.peak_before)} -> {human(mem.peak_after)}" if mem else "not tiled"
+        cell = f"{human(mem.peak_before)} -> {human(mem.peak_after)}" if mem else ("not estimated" if m.tiled else "not tiled")
         rows.append((m.path or "(root)", m.pattern, _roles(m.roles), shards, cell))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]

@@ -177,6 +177,8 @@ def _get(owner: nn.Module, name: str) -> torch.Tensor:
 
 def _regions(module: nn.Module) -> list[tuple[tuple[str, ...], TiledRegion]]:
     state: _TileState = module.__dict__[_STATE]
+    if state.graph_module is None:  # traced per call or an expert bank: no single graph to replay
+        return []
     return [
         (tuple(node.meta[META_KEY]["replaced"]), node.target)
         for node in state.graph_module.graph.nodes
@@ -190,15 +192,17 @@ def mlp_memory(model: nn.Module, tokens: int, dtype: Optional[torch.dtype] = Non
     ``tokens`` is batch size times sequence length (the MLP sees every token as one row). ``dtype``
     is the training dtype of weights and activations (default: the model's own). Works on a model
     on any device, including ``meta``: only the regions' shapes are used. Layers of the same shape
-    are replayed once.
+    are replayed once. Blocks traced per call signature and routed expert banks have no single graph
+    to replay and get no entry (the CLI shows them as "not estimated").
     """
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens must be a positive int (batch size x sequence length), got {tokens!r}")
     cache: dict[tuple, tuple[int, ...]] = {}
-    found = []
+    found, any_tiled = [], False
     for path, module in model.named_modules():
         if not isinstance(module.__dict__.get(_STATE), _TileState):
             continue
+        any_tiled = True
         for nodes, region in _regions(module):
             template = op._TEMPLATES[region.template_id].template
             tensors = [_get(module, name) for name in region.tensor_paths]
@@ -206,7 +210,7 @@ def mlp_memory(model: nn.Module, tokens: int, dtype: Optional[torch.dtype] = Non
             if key not in cache:
                 cache[key] = _replay(module, region, tokens, dtype)
             found.append(MlpMemory(path, nodes, tokens, *cache[key]))
-    if not found:
+    if not any_tiled:
         raise ValueError(
             f"no tiled MLP in {type(model).__name__}: call fxtile.transform(model) first "
             "(fxtile.find(model).skipped says why a block was not tiled)"

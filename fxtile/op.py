@@ -33,7 +33,7 @@ __all__ = ["TiledRegion", "backward_kernel", "forward_kernel", "register_templat
 
 
 class _Region(NamedTuple):
-    template: fx.GraphModule  # the region's structure, tensors on the meta device
+    template: nn.Module  # the region's structure, tensors on the meta device
     names: tuple[str, ...]  # the template's tensor names, in the op's tensor-list order
     fast: Optional[linear_mlp.LinearMLP]  # explicit-matmul plan, when the region has that shape
 
@@ -41,10 +41,14 @@ class _Region(NamedTuple):
 _TEMPLATES: list[_Region] = []  # id -> region; templates hold no memory, so they are never freed
 
 
-def register_template(template: fx.GraphModule, tensor_paths: tuple[str, ...]) -> int:
-    """Keep a region's meta template (and its fast-path plan, if any) for the op's kernels; returns its id."""
-    placeholders = sum(1 for n in template.graph.nodes if n.op == "placeholder")
-    fast = linear_mlp.plan(template, tensor_paths) if placeholders == 1 else None
+def register_template(template: nn.Module, tensor_paths: tuple[str, ...]) -> int:
+    """Keep a region's meta template (and its fast-path plan, if any) for the op's kernels; returns its id.
+
+    ``template`` is an fx region (``passes.rewrite.meta_template``) or a whole module run as one region
+    (a routed expert bank); only a one-input fx region can have the explicit-matmul plan.
+    """
+    one_input = isinstance(template, fx.GraphModule) and sum(n.op == "placeholder" for n in template.graph.nodes) == 1
+    fast = linear_mlp.plan(template, tensor_paths) if one_input else None
     _TEMPLATES.append(_Region(template, tensor_paths, fast))
     return len(_TEMPLATES) - 1
 
