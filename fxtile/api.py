@@ -171,6 +171,11 @@ def _plan(model: nn.Module, filter_fn: Optional[FilterFn]) -> _Plan:
             return found
         if filter_fn is not None and not filter_fn(module, path):
             return False
+        if "forward" in module.__dict__:  # a wrapper (offload hook, user patch) that tiling would bypass
+            if _looks_like_mlp(module):
+                plan.skipped.append(Skipped(path, "has an instance-level forward (a wrapper or hook, e.g. "
+                                                  "accelerate's offload) that a tiled forward would bypass"))
+            return False
         result = trace(module)
         quiet = len(plan.skipped) > reported  # a descendant already said why: do not repeat it
         if result.graph_module is None and _looks_like_mlp(module):
@@ -257,8 +262,8 @@ def _bank_match(path: str, bank: ExpertsMatch, policy: Optional[ShardPolicy]) ->
 
 def _tiled_bank(module: nn.Module, bank: ExpertsMatch, policy: ShardPolicy) -> fx.GraphModule:
     """The bank's own forward, sharded: the op runs a meta copy of the bank on each row range."""
-    template_id = register_template(meta_template(module, bank.tensor_names), bank.tensor_names)
     children = tuple(name for name, _ in module.named_children())  # they carry the train/eval mode
+    template_id = register_template(meta_template(module, bank.tensor_names), bank.tensor_names, children)
     target = TiledRegion(
         template_id, children, tuple(type(module.get_submodule(c)) for c in children), bank.tensor_names, policy,
         bank.hidden_size, bank.intermediate_size, False, "routed_experts_0",
@@ -308,7 +313,7 @@ def _tiled_forward(path: str, gm: fx.GraphModule, candidates: list[Candidate], p
         region = extract_region(gm, cand)
         module_paths, tensor_paths = region_inputs(region)
         _warn_about_hooks(path, region, module_paths)
-        template_id = register_template(meta_template(region, tensor_paths), tensor_paths)
+        template_id = register_template(meta_template(region, tensor_paths), tensor_paths, module_paths)
         target = TiledRegion(
             template_id, module_paths, tuple(type(region.get_submodule(p)) for p in module_paths), tensor_paths,
             policy, cand.hidden_size, cand.intermediate_size, cand.stochastic, f"{cand.pattern}_mlp_{i}",
@@ -324,19 +329,47 @@ def _install(module: nn.Module, state: _TileState) -> None:
     distributed.mark_zero3_leaf(module)  # ZeRO-3: gather every weight the tiled forward reads (fxtile/distributed.py)
 
 
-def _uninstall(module: nn.Module) -> None:
-    state: _TileState = module.__dict__.pop(_STATE)
-    bound = module.__dict__.get("forward")
-    if getattr(bound, "__func__", None) is not state.forward_fn:
+def _check_uninstallable(module: nn.Module) -> None:
+    state: _TileState = module.__dict__[_STATE]
+    if getattr(module.__dict__.get("forward"), "__func__", None) is not state.forward_fn:
         raise RuntimeError(
             f"fxtile: the forward of {type(module).__name__} was replaced after fxtile.transform; "
             "remove that wrapper first, then call fxtile.restore"
         )
+
+
+def _uninstall(module: nn.Module) -> None:
+    _check_uninstallable(module)  # before any change: a refused restore leaves the tiling intact
+    state: _TileState = module.__dict__.pop(_STATE)
     if state.previous_forward is not None:
         module.forward = state.previous_forward
     else:
         del module.forward
     distributed.unmark_zero3_leaf(module)
+
+
+def _build(plan: _Plan, policy: ShardPolicy, retiled: list[tuple[nn.Module, _TileState]]):
+    """Every rewrite of the plan, built before any is installed; blocks tiled with another policy are
+    untiled first (recorded in ``retiled`` so a failure can put them back) and planned again."""
+    for path, module in plan.tiled:  # idempotent: same policy keeps the tiling, a new one re-tiles
+        state: _TileState = module.__dict__[_STATE]
+        if state.policy == policy:
+            continue
+        _uninstall(module)
+        retiled.append((module, state))
+        if state.specialized is not None:
+            plan.deferred.append((path, module, _default_call_candidates(module)))
+        elif state.experts:
+            bank = match_experts(module)
+            assert isinstance(bank, ExpertsMatch)  # it matched before
+            plan.banks.append((path, module, bank))
+        else:
+            gm = trace(module).graph_module
+            assert gm is not None  # it traced before
+            plan.owners.append((path, module, gm, find_candidates(gm)[0]))
+    built = [(path, module, _tiled_forward(path, gm, cands, policy), cands) for path, module, gm, cands in plan.owners]
+    banks = [(path, module, _tiled_bank(module, bank, policy), bank) for path, module, bank in plan.banks]
+    return built, banks
 
 
 def transform(model: nn.Module, shards: object = "auto", *, filter_fn: Optional[FilterFn] = None) -> nn.Module:
@@ -361,23 +394,13 @@ def transform(model: nn.Module, shards: object = "auto", *, filter_fn: Optional[
     _check_args(model, filter_fn)
     policy = as_policy(shards)
     plan = _plan(model, filter_fn)
-    for path, module in plan.tiled:  # idempotent: same policy keeps the tiling, a new one re-tiles
-        state: _TileState = getattr(module, _STATE)
-        if state.policy != policy:
-            _uninstall(module)
-            if state.specialized is not None:
-                plan.deferred.append((path, module, _default_call_candidates(module)))
-                continue
-            if state.experts:
-                bank = match_experts(module)
-                assert isinstance(bank, ExpertsMatch)  # it matched before
-                plan.banks.append((path, module, bank))
-                continue
-            gm = trace(module).graph_module
-            assert gm is not None  # it traced before
-            plan.owners.append((path, module, gm, find_candidates(gm)[0]))
-    built = [(path, module, _tiled_forward(path, gm, cands, policy), cands) for path, module, gm, cands in plan.owners]
-    banks = [(path, module, _tiled_bank(module, bank, policy), bank) for path, module, bank in plan.banks]
+    retiled: list[tuple[nn.Module, _TileState]] = []
+    try:
+        built, banks = _build(plan, policy, retiled)
+    except BaseException:  # never half-rewritten: put back the tilings a re-tile had taken off
+        for module, state in retiled:
+            _install(module, state)
+        raise
     for path, module, gm, cands in built:  # install only once every rewrite succeeded
         _install(module, _TileState(gm, [_to_match(path, c, policy) for c in cands], policy, type(gm).forward))
     for path, module, cands in plan.deferred:
@@ -400,7 +423,9 @@ def transform(model: nn.Module, shards: object = "auto", *, filter_fn: Optional[
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``transform`` everywhere in ``model``, in place; returns the same ``model`` object."""
     _check_args(model, None)
-    for module in model.modules():
-        if isinstance(module.__dict__.get(_STATE), _TileState):
-            _uninstall(module)
+    tiled = [m for m in model.modules() if isinstance(m.__dict__.get(_STATE), _TileState)]
+    for module in tiled:  # all or nothing
+        _check_uninstallable(module)
+    for module in tiled:
+        _uninstall(module)
     return model

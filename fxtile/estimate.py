@@ -136,7 +136,7 @@ def _replay(
         )
 
     with _LiveBytes([x, *tensors, *grads]) as counter:  # untiled: the region under autograd
-        y = op._run(region.template_id, True, [x], tensors)
+        y = op._run(region.template_id, _training(region), [x], tensors)
         dy = torch.empty_like(y)
         out_bytes = 2 * y.untyped_storage().nbytes()  # the output and its incoming gradient
         kept_before = counter.live - out_bytes
@@ -158,16 +158,21 @@ def _replay_tiled(
     grads = [t.grad for t in tensors if t.grad is not None]
     needs = [True] + [weight_grads and t.requires_grad for t in tensors]
     with _LiveBytes([x_in, *t_in, *grads]) as counter, torch.no_grad():  # as in the op's kernel
-        y = op.forward_kernel([x_in], t_in, region.template_id, shards, True)
+        y = op.forward_kernel([x_in], t_in, region.template_id, shards, _training(region))
         dy = torch.empty_like(y)
         out_bytes = 2 * y.untyped_storage().nbytes()
         kept = counter.live - out_bytes  # the op saves its input and weights: nothing new
-        result = op.backward_kernel(dy, [x_in], t_in, region.template_id, shards, True, None, needs)
+        result = op.backward_kernel(dy, [x_in], t_in, region.template_id, shards, _training(region), None, needs)
         for tensor, need, grad in zip(tensors, needs[1:], result[1:]):
             if need:
                 tensor.grad.add_(grad)  # what AccumulateGrad does with the op's weight gradient
         del result, grad, y, dy
         return kept, counter.peak - out_bytes
+
+
+def _training(region: TiledRegion) -> list[bool]:
+    """Every module of the region in train mode (the estimate is for training)."""
+    return [True] * len(op._TEMPLATES[region.template_id].moded)
 
 
 def _get(owner: nn.Module, name: str) -> torch.Tensor:

@@ -75,6 +75,13 @@ def _proj(region: fx.GraphModule, node: fx.Node, index: dict[str, int]) -> Optio
     return None
 
 
+def _in_place(region: fx.GraphModule, node: fx.Node) -> bool:
+    """An op that overwrites its input (``inplace=True``, ``relu_``): the vjp would need that input."""
+    if node.kwargs.get("inplace") or (node.op == "call_method" and str(node.target).endswith("_")):
+        return True
+    return node.op == "call_module" and bool(getattr(region.get_submodule(str(node.target)), "inplace", False))
+
+
 def _chain(region: fx.GraphModule, start: fx.Node, end: fx.Node) -> Optional[fx.GraphModule]:  # noqa: C901
     """The element-wise ops from ``start`` (exclusive) to ``end`` (inclusive) as a one-input graph, if
     they form a parameter-free, RNG-free chain fed by ``start`` alone; else None."""
@@ -85,7 +92,7 @@ def _chain(region: fx.GraphModule, start: fx.Node, end: fx.Node) -> Optional[fx.
         node = stack.pop()
         if node is start or node in nodes:
             continue
-        if not is_pointwise(region, node) or is_random(region, node):
+        if not is_pointwise(region, node) or is_random(region, node) or _in_place(region, node):
             return None
         if node.op == "call_module" and any(True for _ in region.get_submodule(str(node.target)).parameters()):
             return None
@@ -197,7 +204,10 @@ def _fused(region: fx.GraphModule, paths: Sequence[str], fused: fx.Node, mul: fx
         gate_part = _gate_part(region, gate_side)
         up_cols, gate_cols = _columns(region, fused, up_side, width), _columns(region, fused, gate_part, width)
         act = _chain(region, gate_part, gate_side) if gate_part is not gate_side else _identity_chain(region)
-        if up_cols is not None and gate_cols is not None and act is not None:
+        if up_cols is None or gate_cols is None or act is None:
+            continue
+        halves = sorted([(gate_cols.start, gate_cols.stop), (up_cols.start, up_cols.stop)])
+        if halves[0][0] == 0 and halves[0][1] == halves[1][0] and halves[1][1] == width:  # disjoint, cover all
             return LinearMLP("gated_fused", proj, None, down, act, gate_cols, up_cols)
     return None
 

@@ -36,12 +36,13 @@ class _Region(NamedTuple):
     template: nn.Module  # the region's structure, tensors on the meta device
     names: tuple[str, ...]  # the template's tensor names, in the op's tensor-list order
     fast: Optional[linear_mlp.LinearMLP]  # explicit-matmul plan, when the region has that shape
+    moded: tuple[nn.Module, ...]  # the template's copies of the live modules passed to the op, flattened
 
 
 _TEMPLATES: list[_Region] = []  # id -> region; templates hold no memory, so they are never freed
 
 
-def register_template(template: nn.Module, tensor_paths: tuple[str, ...]) -> int:
+def register_template(template: nn.Module, tensor_paths: tuple[str, ...], module_paths: tuple[str, ...] = ()) -> int:
     """Keep a region's meta template (and its fast-path plan, if any) for the op's kernels; returns its id.
 
     ``template`` is an fx region (``passes.rewrite.meta_template``) or a whole module run as one region
@@ -49,16 +50,18 @@ def register_template(template: nn.Module, tensor_paths: tuple[str, ...]) -> int
     """
     one_input = isinstance(template, fx.GraphModule) and sum(n.op == "placeholder" for n in template.graph.nodes) == 1
     fast = linear_mlp.plan(template, tensor_paths) if one_input else None
-    _TEMPLATES.append(_Region(template, tensor_paths, fast))
+    moded = tuple(m for p in module_paths for m in template.get_submodule(p).modules())
+    _TEMPLATES.append(_Region(template, tensor_paths, fast, moded))
     return len(_TEMPLATES) - 1
 
 
-def fast_plan(region: int, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> Optional[linear_mlp.LinearMLP]:
+def fast_plan(
+    region: int, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], autocast_dtype: str
+) -> Optional[linear_mlp.LinearMLP]:
     """The explicit-matmul plan when it applies to this call: plain dtypes (autocast and mixed dtypes
     take the generic kernel, which follows autocast's casting rules op by op)."""
     fast = _TEMPLATES[region].fast
-    device = rows[0].device.type  # meta (planning, fxtile convert) has no autocast state to ask about
-    if fast is None or (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    if fast is None or autocast_dtype:
         return None
     return fast if all(t.dtype == rows[0].dtype for t in tensors) else None
 
@@ -69,10 +72,28 @@ def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
     return [(rows * i // n, rows * (i + 1) // n) for i in range(n)]
 
 
-def _run(region: int, training: bool, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    template, names, _ = _TEMPLATES[region]
-    template.train(training)
+def _run(region: int, modes: Sequence[bool], rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The region on these rows; every module in the template takes its live counterpart's train/eval
+    mode (``modes``, flattened in ``_Region.moded`` order)."""
+    template, names, _, moded = _TEMPLATES[region]
+    for module, mode in zip(moded, modes):
+        module.training = mode
     return functional_call(template, dict(zip(names, tensors)), tuple(rows), tie_weights=False, strict=True)
+
+
+def autocast_dtype_of(device: torch.device) -> str:
+    """The caller's autocast dtype on ``device`` by name ("" when off), handed to the op explicitly: the
+    kernels must not read it from thread-local state, which a compiled graph does not carry into an
+    opaque op, and which backward (run outside the forward's autocast context) no longer holds. A
+    string, not ``Optional[dtype]``: custom ops flatten a ``None`` argument differently in backward."""
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return ""
+    return str(torch.get_autocast_dtype(kind)).removeprefix("torch.")
+
+
+def _autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext()
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:  # the generator dropout on `device` draws from
@@ -98,22 +119,24 @@ def _replayed_rng(device: torch.device, state: Optional[torch.Tensor]) -> Iterat
 
 @torch.library.custom_op("fxtile::tiled_forward", mutates_args=())
 def tiled_forward(
-    rows: list[torch.Tensor], tensors: list[torch.Tensor], region: int, shards: int, training: bool,
-    rng_state: Optional[torch.Tensor],
+    rows: list[torch.Tensor], tensors: list[torch.Tensor], region: int, shards: int, modes: list[bool],
+    rng_state: Optional[torch.Tensor], autocast_dtype: str,
 ) -> torch.Tensor:
     """``region(*rows)`` shard by shard (``rng_state`` is only kept for the backward's replay)."""
-    return forward_kernel(rows, tensors, region, shards, training)
+    with _autocast(rows[0].device, autocast_dtype):
+        return forward_kernel(rows, tensors, region, shards, modes, autocast_dtype)
 
 
 def forward_kernel(
-    rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], region: int, shards: int, training: bool
+    rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], region: int, shards: int, modes: list[bool],
+    autocast_dtype: str = "",
 ) -> torch.Tensor:
     """The forward op's kernel (autograd off): each shard written into one preallocated output.
 
     ``rows`` are the region's activation inputs, aligned on dim 0 (one row per token); every one is
     split at the same row bounds. Public so ``fxtile.estimate`` can replay it on the meta device.
     """
-    fast = fast_plan(region, rows, tensors)
+    fast = fast_plan(region, rows, tensors, autocast_dtype)
     if fast is not None:
         x, down = rows[0], tensors[fast.down.weight]
         out = x.new_empty((x.shape[0], down.shape[1] if fast.down.transposed else down.shape[0]))
@@ -122,7 +145,7 @@ def forward_kernel(
         return out
     out: Optional[torch.Tensor] = None
     for lo, hi in shard_bounds(rows[0].shape[0], shards):
-        y = _run(region, training, [r[lo:hi] for r in rows], tensors)
+        y = _run(region, modes, [r[lo:hi] for r in rows], tensors)
         if out is None:
             out = y.new_empty((rows[0].shape[0], *y.shape[1:]))
         out[lo:hi] = y
@@ -131,26 +154,30 @@ def forward_kernel(
 
 
 @tiled_forward.register_fake
-def _(rows, tensors, region, shards, training, rng_state):
-    return _run(region, training, rows, tensors)  # on fake tensors: shape and dtype only, no compute
+def _(rows, tensors, region, shards, modes, rng_state, autocast_dtype):
+    with _autocast(rows[0].device, autocast_dtype):  # on fake tensors: shape and dtype only, no compute
+        return _run(region, modes, rows, tensors)
 
 
 @torch.library.custom_op("fxtile::tiled_backward", mutates_args=())
 def tiled_backward(
     grad: torch.Tensor, rows: list[torch.Tensor], tensors: list[torch.Tensor], region: int, shards: int,
-    training: bool, rng_state: Optional[torch.Tensor], needs_grad: list[bool],
+    modes: list[bool], rng_state: Optional[torch.Tensor], needs_grad: list[bool], autocast_dtype: str,
 ) -> list[torch.Tensor]:
-    """Gradients ``[*d rows, *d tensors]`` by recomputing each shard (empty tensors where not needed)."""
-    return backward_kernel(grad, rows, tensors, region, shards, training, rng_state, needs_grad)
+    """Gradients ``[*d rows, *d tensors]`` by recomputing each shard (empty tensors where not needed),
+    under the forward's autocast dtype."""
+    with _autocast(rows[0].device, autocast_dtype):
+        return backward_kernel(grad, rows, tensors, region, shards, modes, rng_state, needs_grad, autocast_dtype)
 
 
 def backward_kernel(
     grad: torch.Tensor, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], region: int, shards: int,
-    training: bool, rng_state: Optional[torch.Tensor], needs_grad: Sequence[bool],
+    modes: list[bool], rng_state: Optional[torch.Tensor], needs_grad: Sequence[bool],
+    autocast_dtype: str = "",
 ) -> list[torch.Tensor]:
     """The backward op's kernel (autograd off); public so ``fxtile.estimate`` can replay it on meta."""
     inputs = [*rows, *tensors]
-    fast = fast_plan(region, rows, tensors)
+    fast = fast_plan(region, rows, tensors, autocast_dtype)
     if fast is not None:
         x = rows[0]
         grad_x = torch.empty_like(x) if needs_grad[0] else None
@@ -174,7 +201,7 @@ def backward_kernel(
                 args = list(shard)
                 for i, value in zip(wanted, primals):
                     args[i] = value
-                return _run(region, training, args[:n_rows], args[n_rows:])
+                return _run(region, modes, args[:n_rows], args[n_rows:])
 
             _, pullback = vjp(shard_fn, *[shard[i] for i in wanted])
             grads = pullback(grad[lo:hi], retain_graph=False)  # frees the shard's residuals as they are used
@@ -192,33 +219,61 @@ def backward_kernel(
 
 
 @tiled_backward.register_fake
-def _(grad, rows, tensors, region, shards, training, rng_state, needs_grad):
+def _(grad, rows, tensors, region, shards, modes, rng_state, needs_grad, autocast_dtype):
     return [torch.empty_like(t) if need else rows[0].new_empty(0) for t, need in zip([*rows, *tensors], needs_grad)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    rows, tensors, region, shards, training, rng_state = inputs
+    rows, tensors, region, shards, modes, rng_state, autocast_dtype = inputs
     ctx.save_for_backward(*rows, *tensors)
     ctx.n_rows = len(rows)
     ctx.rng_state = rng_state
-    ctx.args = (region, shards, training)
+    ctx.args = (region, shards, modes)
+    ctx.autocast_dtype = autocast_dtype
     ctx.needs_grad = [t.requires_grad for t in (*rows, *tensors)]
-    device = rows[0].device.type
-    ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
 
 def _backward(ctx, grad):
     saved = ctx.saved_tensors
     rows, tensors = saved[: ctx.n_rows], saved[ctx.n_rows :]
-    region, shards, training = ctx.args
-    device, enabled, dtype = ctx.autocast
-    with torch.autocast(device, dtype=dtype, enabled=enabled):
-        grads = tiled_backward(grad, rows, tensors, region, shards, training, ctx.rng_state, ctx.needs_grad)
+    region, shards, modes = ctx.args
+    grads = tiled_backward(
+        grad, rows, tensors, region, shards, modes, ctx.rng_state, ctx.needs_grad, ctx.autocast_dtype
+    )
     grads = [g if need else None for g, need in zip(grads, ctx.needs_grad)]
-    return grads[: ctx.n_rows], grads[ctx.n_rows :], None, None, None, None
+    # torch flattens a non-empty list[bool] argument as one leaf, an empty one as an empty list of tensors
+    no_grad_for_modes = None if modes else []
+    return grads[: ctx.n_rows], grads[ctx.n_rows :], None, None, no_grad_for_modes, None, None
 
 
 tiled_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+_SIMPLE = (bool, int, float, str, type(None))
+_NOT_STATE = {"training", "_parameters", "_buffers", "_modules"}
+
+
+def _freeze(value: object) -> object:
+    """A comparable copy of plain Python state (scalars and containers of them); None for the rest."""
+    if isinstance(value, _SIMPLE):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_freeze(v) for v in value]
+        return tuple(sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items)
+    if isinstance(value, dict):
+        return tuple(sorted(((str(k), _freeze(v)) for k, v in value.items()), key=repr))
+    return None
+
+
+def _python_state(module: nn.Module) -> dict:
+    """Plain Python attributes of ``module`` and its children, by (child index, name). Attributes a
+    framework adds later (FSDP, DeepSpeed) are not compared: only the ones present when tiled."""
+    return {
+        (i, k): frozen
+        for i, m in enumerate(module.modules())
+        for k, v in vars(m).items()
+        if k not in _NOT_STATE and "hook" not in k and (frozen := _freeze(v)) is not None
+    }
 
 
 class TiledRegion:
@@ -244,6 +299,25 @@ class TiledRegion:
     def __repr__(self) -> str:
         return f"{self.__name__}(shards={self.policy.describe()})"
 
+    def _check_state(self, modules: Sequence[nn.Module]) -> None:
+        """The op runs a copy of the region's structure taken at transform time: refuse to run it if
+        a module's Python state changed since (PEFT's disable_adapter/merge_adapter, a new scaling)."""
+        template = _TEMPLATES[self.template_id].template
+        for path, module in zip(self.module_paths, modules):
+            live = _python_state(module)
+            if any(live.get(key) != value for key, value in _python_state(template.get_submodule(path)).items()):
+                raise RuntimeError(
+                    f"fxtile: {path!r} inside {self.__name__} changed since fxtile.transform (its non-tensor "
+                    "state differs, e.g. PEFT's disable_adapter() or merge_adapter()); call fxtile.restore(model) "
+                    "before such changes and fxtile.transform(model) after them"
+                )
+
+    def __reduce__(self):
+        raise TypeError(
+            f"{self.__name__}: a tiled model cannot be pickled (its regions live in this process); "
+            "call fxtile.restore(model) first, or save its state_dict()"
+        )
+
     def shards_for(self, rows: int) -> int:
         return self.policy.count(rows, self.hidden_size, self.intermediate_size)
 
@@ -257,14 +331,18 @@ class TiledRegion:
                     "it was tiled; call fxtile.restore(model) and then fxtile.transform(model) again after "
                     "replacing submodules (e.g. apply PEFT before fxtile)"
                 )
-        training = any(m.training for m in modules)
+        modes = [m.training for module in modules for m in module.modules()]
+        training = any(modes)
+        if not torch.compiler.is_compiling():
+            self._check_state(modules)
         lead = inputs[0].shape[:-1]  # every input shares these leading (token) dims
         rows = [t.reshape(lead.numel(), *t.shape[len(lead):]) for t in inputs]
         shards = self.shards_for(rows[0].shape[0])
         if shards == 1:
-            out = _run(self.template_id, training, rows, tensors)
+            out = _run(self.template_id, modes, rows, tensors)
         else:
             needs_rng = self.stochastic and training and torch.is_grad_enabled()
             rng = _rng_state(inputs[0].device) if needs_rng else None
-            out = tiled_forward(rows, list(tensors), self.template_id, shards, training, rng)
+            autocast_dtype = autocast_dtype_of(inputs[0].device)
+            out = tiled_forward(rows, list(tensors), self.template_id, shards, modes, rng, autocast_dtype)
         return out.reshape(*lead, out.shape[-1])

@@ -196,3 +196,29 @@ class FlatResidual(nn.Module):
     def forward(self, z):
         n = self.norm(z)
         return z + self.p3(F.gelu(self.p1(n)) * self.p2(n))
+
+
+class PlainSwish(nn.Module):
+    """A plain MLP whose activation is ``t * sigmoid(t)`` (like CLIP's quick GELU): a ``*`` of two values
+    from the same projection is an activation, not a gate."""
+
+    def __init__(self, h=12, i=40, inplace_relu=False):
+        super().__init__()
+        self.fc_in, self.fc_out = nn.Linear(h, i), nn.Linear(i, h)
+        self.act = nn.ReLU(inplace=True) if inplace_relu else Swish()
+
+    def forward(self, z):
+        return self.fc_out(self.act(self.fc_in(z)))
+
+
+class FusedPartial(nn.Module):
+    """A projection 3x wide of which gate and up read two thirds: not a gate/up split of the whole."""
+
+    def __init__(self, h=12, i=10):
+        super().__init__()
+        self.i = i
+        self.p, self.q = nn.Linear(h, 3 * i), nn.Linear(i, h)
+
+    def forward(self, z):
+        y = self.p(z)
+        return self.q(F.silu(y[..., : self.i]) * y[..., self.i : 2 * self.i])

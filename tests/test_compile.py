@@ -93,3 +93,17 @@ def test_auto_shards_work_with_symbolic_sizes():
         x = torch.randn(1, seq, 12, requires_grad=True)
         assert_same_outputs_and_grads(copy.deepcopy(model), compiled, x)
     assert counter.frame_count <= 2, "auto shards from a symbolic token count: bounded recompiles"
+
+
+def test_compiled_tiled_mlp_keeps_the_callers_autocast():
+    """Autocast reaches the opaque op as an argument: a compiled tiled MLP computes in bf16 like the
+    compiled untiled one (reading thread-local state in the kernel would silently run fp32)."""
+    torch.manual_seed(0)
+    model = tiny_causal_lm("llama").model.layers[0].mlp
+    untiled = torch.compile(copy.deepcopy(model), fullgraph=True, backend="aot_eager")
+    tiled = torch.compile(fxtile.transform(copy.deepcopy(model), shards=3), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = untiled(x), tiled(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

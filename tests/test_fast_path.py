@@ -79,3 +79,18 @@ def test_fast_path_bf16_grads_are_as_close_to_fp64_as_the_untiled_module():
             for p, q in zip(model.parameters(), ref64.parameters())
         )
     assert errors["tiled"] <= errors["untiled"] * 1.05 + 1e-6, errors
+
+
+@pytest.mark.parametrize(
+    "make", [M.PlainSwish, lambda: M.PlainSwish(inplace_relu=True), M.FusedPartial],
+    ids=["plain_t_times_sigmoid_t", "inplace_relu", "fused_partial_slices"],
+)
+def test_shapes_the_fast_path_must_not_misread_stay_exact(make):
+    """``t * sigmoid(t)`` is no fused gate; an in-place activation and slices that do not split the whole
+    projection in two take a path that handles them; either way the gradients are exact."""
+    torch.manual_seed(0)
+    model = make()
+    tiled = fxtile.transform(copy.deepcopy(model), shards=3)
+    plans = _plans(tiled)
+    assert plans and all(p is None or p.kind != "gated_fused" for p in plans)
+    assert_same_outputs_and_grads(model, tiled, torch.randn(2, 7, 12, requires_grad=True))

@@ -223,3 +223,66 @@ def test_hooks_inside_a_tiled_region_are_reported():
     model.wa.register_forward_hook(lambda *a: None)
     with pytest.warns(UserWarning, match=r"wa inside a tiled MLP has module hooks.*filter_fn"):
         fxtile.transform(model, shards=2)
+
+
+def test_a_refused_restore_leaves_the_tiling_intact():
+    model = tiled_copy(M.Stack(), shards=2)
+    block = model.blocks[0].ffwd
+    tiled_forward = block.forward
+    block.forward = lambda z: tiled_forward(z)  # someone wraps it after transform
+    with pytest.raises(RuntimeError, match="was replaced after fxtile.transform"):
+        fxtile.restore(model)
+    assert all(m.tiled for m in fxtile.find(model)), "nothing may be half-restored"
+    block.forward = tiled_forward
+    fxtile.restore(model)
+    assert not any(m.tiled for m in fxtile.find(model))
+
+
+def test_a_failed_retile_keeps_the_old_tiling(monkeypatch):
+    import fxtile.api as api
+
+    model = tiled_copy(M.Odd(), shards=2)
+    x = torch.randn(2, 5, 12)
+    before = model(x)
+    monkeypatch.setattr(api, "_tiled_forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        fxtile.transform(model, shards=5)
+    assert [m.shards for m in fxtile.find(model)] == ["2"]
+    assert torch.equal(model(x), before)
+
+
+def test_an_instance_level_forward_is_reported_not_bypassed():
+    model = M.Odd()
+    original = model.forward
+    model.forward = lambda q: original(q) * 2
+    found = fxtile.find(model)
+    assert found == [] and "instance-level forward" in found.skipped[0].reason
+
+
+def test_each_module_inside_a_region_keeps_its_own_train_eval_mode():
+    reference = M.ParamAct(p=0.5).train()
+    model = tiled_copy(reference, shards=2).train()
+    reference.drop.eval()
+    model.drop.eval()  # dropout off, the rest in training: the tiled region must not apply dropout
+    assert_same_outputs_and_grads(reference, model, torch.randn(2, 5, 12, requires_grad=True))
+
+
+def test_changing_a_peft_adapter_after_transform_raises_instead_of_running_stale():
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"])
+    model = fxtile.transform(peft.get_peft_model(tiny_causal_lm("llama"), config), shards=2)
+    ids = torch.randint(0, 97, (1, 6))
+    model(ids)
+    with model.disable_adapter(), pytest.raises(RuntimeError, match="changed since fxtile.transform"):
+        model(ids)
+    model(ids)  # back to the state it was tiled in
+
+
+def test_pickling_a_tiled_region_says_what_to_do():
+    import pickle
+
+    model = tiled_copy(M.Odd(), shards=2)
+    region = next(n.target for n in model._fxtile.graph_module.graph.nodes if isinstance(n.target, op.TiledRegion))
+    with pytest.raises(TypeError, match="fxtile.restore"):
+        pickle.dumps(region)
+    torch.save(fxtile.restore(model), io.BytesIO())  # restored, the model pickles again
