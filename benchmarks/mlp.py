@@ -7,8 +7,10 @@
 Each measurement runs in a fresh process (so one run's allocator state cannot leak into another),
 memory and time in separate processes (see ``_run_worker``), the implementations alternate within
 each round, and the table reports medians over rounds.
-Memory is the peak resident set above the process's baseline, taken after the weights exist and
-before the input is allocated (``ru_maxrss`` on CPU, ``max_memory_allocated`` on CUDA). The floor is
+Memory is the peak above the process's baseline, taken after a full warm-up step, with the weights
+allocated and the input not yet: on CPU the resident set's high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``), on CUDA ``max_memory_allocated``. Every implementation's peak also holds
+the weight gradients (3 x H x I), which the floor leaves out. The floor is
 what any implementation must hold: input, output, output grad and input grad, ``4 x S x H x bytes``.
 """
 
@@ -136,7 +138,12 @@ def worker(args: argparse.Namespace) -> dict:
         step.x_grad = x.grad
         return elapsed
 
-    step.clear = lambda: [setattr(p, "grad", None) for p in module.parameters()] and setattr(step, "x_grad", None)
+    def clear() -> None:
+        for p in module.parameters():
+            p.grad = None
+        step.x_grad = None
+
+    step.clear = clear
     result = _measure(step, device, args.repeats)
     if args.grads:
         torch.save({"x": step.x_grad.cpu(), **{n: p.grad.cpu() for n, p in module.named_parameters()}}, args.grads)
@@ -217,6 +224,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--grads", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model and args.device != "cpu":
+        parser.error("--model measures on CPU only")
     if args.worker:
         args.impl = args.worker
         print(json.dumps(model_worker(args) if args.model else worker(args)))
