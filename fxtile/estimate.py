@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from passes.rewrite import META_KEY
+from passes.rewrite import META_KEY, get_path
 
 from . import op
 from .api import _STATE, _TileState
@@ -111,7 +111,7 @@ def _region_tensors(owner: nn.Module, region: TiledRegion, dtype: Optional[torch
     """
     out = []
     for name in region.tensor_paths:
-        value = _get(owner, name)
+        value = get_path(owner, name)
         cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
         tensor = torch.empty(value.shape, dtype=cast, device="meta", requires_grad=value.requires_grad)
         if tensor.requires_grad:
@@ -175,11 +175,6 @@ def _training(region: TiledRegion) -> list[bool]:
     return [True] * len(op._TEMPLATES[region.template_id].moded)
 
 
-def _get(owner: nn.Module, name: str) -> torch.Tensor:
-    path, _, attr = name.rpartition(".")
-    return getattr(owner.get_submodule(path), attr)
-
-
 def _regions(module: nn.Module) -> list[tuple[tuple[str, ...], TiledRegion]]:
     state: _TileState = module.__dict__[_STATE]
     if state.graph_module is None:  # traced per call or an expert bank: no single graph to replay
@@ -210,7 +205,7 @@ def mlp_memory(model: nn.Module, tokens: int, dtype: Optional[torch.dtype] = Non
         any_tiled = True
         for nodes, region in _regions(module):
             template = op._TEMPLATES[region.template_id].template
-            tensors = [_get(module, name) for name in region.tensor_paths]
+            tensors = [get_path(module, name) for name in region.tensor_paths]
             key = (template.code, region.policy, tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors))
             if key not in cache:
                 cache[key] = _replay(module, region, tokens, dtype)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vjp
 
+from passes.trace import conv1d_type
+
 __all__ = ["LinearMLP", "plan"]
 
 _MULS = {operator.mul, torch.mul, "mul"}
@@ -50,18 +52,10 @@ class LinearMLP:
     up_cols: Optional[slice] = None
 
 
-def _conv1d_type() -> Optional[type]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # pragma: no cover
-        return None
-    return Conv1D
-
-
 def _proj(region: fx.GraphModule, node: fx.Node, index: dict[str, int]) -> Optional[Proj]:
     if node.op == "call_module":
         module = region.get_submodule(str(node.target))
-        conv1d = _conv1d_type()
+        conv1d = conv1d_type()
         if type(module) is nn.Linear or (conv1d is not None and type(module) is conv1d):
             bias = f"{node.target}.bias" if module.bias is not None else None
             return Proj(index[f"{node.target}.weight"], index.get(bias) if bias else None, type(module) is not nn.Linear)

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .match import Candidate
 
-__all__ = ["META_KEY", "MODULE_HOOKS", "PassResult", "RegionCall", "extract_region", "meta_template", "region_inputs", "rewrite"]
+__all__ = ["META_KEY", "MODULE_HOOKS", "get_path", "PassResult", "RegionCall", "extract_region", "meta_template", "region_inputs", "rewrite"]
 
 META_KEY = "fxtile"  # node.meta key marking the call nodes fxtile inserted (survives deepcopy)
 MODULE_HOOKS = (  # nn.Module's per-instance hook dicts
@@ -85,7 +85,7 @@ def meta_template(region: fx.GraphModule, tensor_paths: tuple[str, ...]) -> fx.G
     """
     memo: dict[int, torch.Tensor] = {}
     for path in tensor_paths:
-        value = _get(region, path)
+        value = get_path(region, path)
         memo[id(value)] = torch.empty_like(value, device="meta")
     template = copy.deepcopy(region, memo)
     for module in template.modules():  # hooks belong to the live modules (DeepSpeed ZeRO-3, FSDP, accelerate
@@ -95,7 +95,8 @@ def meta_template(region: fx.GraphModule, tensor_paths: tuple[str, ...]) -> fx.G
 
 
 
-def _get(root: torch.nn.Module, path: str) -> torch.Tensor:
+def get_path(root: torch.nn.Module, path: str) -> torch.Tensor:
+    """The tensor at a dotted attribute path (``gate_proj.weight``)."""
     owner, _, name = path.rpartition(".")
     return getattr(root.get_submodule(owner), name)
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["LeafTracer", "TraceResult", "is_linear_like", "linear_dims", "trace"]
+__all__ = ["LeafTracer", "conv1d_type", "TraceResult", "is_linear_like", "linear_dims", "trace"]
 
 
-def _conv1d_type() -> type | None:
+def conv1d_type() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's projection, weight stored [in, out]), or None without transformers."""
     try:  # transformers is optional at import time
         from transformers.pytorch_utils import Conv1D
     except Exception:  # pragma: no cover - transformers missing or broken
@@ -38,7 +39,7 @@ def is_linear_like(module: nn.Module) -> bool:
     """
     if isinstance(module, nn.Linear):
         return True
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
         return True
     base = getattr(module, "base_layer", None)
