@@ -101,6 +101,11 @@ def main() -> None:
     if rank == 0:
         print(f"loss: first logged {losses[0]:.3f}, last logged {losses[-1]:.3f}, "
               f"train_loss {result.training_loss:.3f} after {result.global_step} steps", flush=True)
+    # Tear the gloo group down explicitly: left to interpreter exit, a rank can abort in C++
+    # ("terminate called without an active exception") after training has finished.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
