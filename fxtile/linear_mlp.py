@@ -26,7 +26,7 @@ from torch.func import vjp
 
 from passes.trace import conv1d_type
 
-__all__ = ["LinearMLP", "plan"]
+__all__ = ["LinearMLP", "accumulate", "backward_shard", "forward_shard", "plan"]
 
 _MULS = {operator.mul, torch.mul, "mul"}
 _SPLITS = {torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split"}
@@ -99,7 +99,7 @@ def _chain(region: fx.GraphModule, start: fx.Node, end: fx.Node) -> Optional[fx.
     env = {start: graph.placeholder("g")}
     for node in sorted(nodes, key=order.__getitem__):
         env[node] = graph.node_copy(node, env.__getitem__)
-    graph.output(env[end] if end is not start else env[start])
+    graph.output(env[end])
     return fx.GraphModule(region, graph, "Activation")
 
 
@@ -197,7 +197,7 @@ def _fused(region: fx.GraphModule, paths: Sequence[str], fused: fx.Node, mul: fx
             continue
         gate_part = _gate_part(region, gate_side)
         up_cols, gate_cols = _columns(region, fused, up_side, width), _columns(region, fused, gate_part, width)
-        act = _chain(region, gate_part, gate_side) if gate_part is not gate_side else _identity_chain(region)
+        act = _chain(region, gate_part, gate_side)  # identity when no op sits between split and gate
         if up_cols is None or gate_cols is None or act is None:
             continue
         halves = sorted([(gate_cols.start, gate_cols.stop), (up_cols.start, up_cols.stop)])
@@ -205,11 +205,6 @@ def _fused(region: fx.GraphModule, paths: Sequence[str], fused: fx.Node, mul: fx
             return LinearMLP("gated_fused", proj, None, down, act, gate_cols, up_cols)
     return None
 
-
-def _identity_chain(region: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    graph.output(graph.placeholder("g"))
-    return fx.GraphModule(region, graph, "Activation")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +228,7 @@ def _input_grad(
     return out.addmm_(dy, weight) if accumulate else torch.mm(dy, weight, out=out)
 
 
-def _add(sums: dict[int, torch.Tensor], i: int, value: torch.Tensor) -> None:
+def accumulate(sums: dict[int, torch.Tensor], i: int, value: torch.Tensor) -> None:
     """Accumulate a gradient over shards; low-precision ones in fp32 (cast once by the op)."""
     if i not in sums:
         sums[i] = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
@@ -244,7 +239,7 @@ def _add(sums: dict[int, torch.Tensor], i: int, value: torch.Tensor) -> None:
 def _add_mm(sums: dict[int, torch.Tensor], i: int, a: torch.Tensor, b: torch.Tensor) -> None:
     acc = sums.get(i)
     if acc is None:
-        _add(sums, i, torch.mm(a, b))
+        accumulate(sums, i, torch.mm(a, b))
     elif acc.dtype == a.dtype:
         acc.addmm_(a, b)  # in place: no weight-sized temporary per shard
     elif acc.is_cuda:
@@ -258,7 +253,7 @@ def _weight_grads(sums, needs, t, p: Proj, x: torch.Tensor, dy: torch.Tensor) ->
     if needs[p.weight]:
         _add_mm(sums, p.weight, *((x.t(), dy) if p.transposed else (dy.t(), x)))
     if p.bias is not None and needs[p.bias]:
-        _add(sums, p.bias, dy.sum(0))
+        accumulate(sums, p.bias, dy.sum(0))
 
 
 def _branches(plan: LinearMLP, x: torch.Tensor, t: Sequence[torch.Tensor]):

@@ -177,43 +177,37 @@ def backward_kernel(
 ) -> list[torch.Tensor]:
     """The backward op's kernel (autograd off); public so ``fxtile.estimate`` can replay it on meta."""
     inputs = [*rows, *tensors]
+    n_rows = len(rows)
+    wanted = [i for i, need in enumerate(needs_grad) if need]
+    row_grads = {i: torch.empty_like(rows[i]) for i in wanted if i < n_rows}
+    sums: dict[int, torch.Tensor] = {}  # input index -> gradient summed over shards
     fast = fast_plan(region, rows, tensors, autocast_dtype)
     if fast is not None:
-        x = rows[0]
-        grad_x = torch.empty_like(x) if needs_grad[0] else None
-        sums: dict[int, torch.Tensor] = {}
+        x, grad_x, weight_sums = rows[0], row_grads.get(0), {}
         for lo, hi in shard_bounds(x.shape[0], shards):
             shard_grad_x = grad_x[lo:hi] if grad_x is not None else None
-            linear_mlp.backward_shard(fast, x[lo:hi], grad[lo:hi], tensors, needs_grad[1:], sums, shard_grad_x)
-        grads = {i + 1: s.to(tensors[i].dtype) for i, s in sums.items()}
-        if grad_x is not None:
-            grads[0] = grad_x
-        return [grads[i] if i in grads else x.new_empty(0) for i in range(len(inputs))]
-    wanted = [i for i, need in enumerate(needs_grad) if need]
-    n_rows = len(rows)
-    row_grads = {i: torch.empty_like(rows[i]) for i in wanted if i < n_rows}
-    sums = {}
-    with _replayed_rng(rows[0].device, rng_state):
-        for lo, hi in shard_bounds(rows[0].shape[0], shards):
-            shard = [r[lo:hi] for r in rows] + list(tensors)
+            linear_mlp.backward_shard(fast, x[lo:hi], grad[lo:hi], tensors, needs_grad[1:], weight_sums, shard_grad_x)
+        sums = {i + n_rows: s for i, s in weight_sums.items()}
+    else:
+        with _replayed_rng(rows[0].device, rng_state):
+            for lo, hi in shard_bounds(rows[0].shape[0], shards):
+                shard = [r[lo:hi] for r in rows] + list(tensors)
 
-            def shard_fn(*primals: torch.Tensor) -> torch.Tensor:
-                args = list(shard)
-                for i, value in zip(wanted, primals):
-                    args[i] = value
-                return _run(region, modes, args[:n_rows], args[n_rows:])
+                def shard_fn(*primals: torch.Tensor) -> torch.Tensor:
+                    args = list(shard)
+                    for i, value in zip(wanted, primals):
+                        args[i] = value
+                    return _run(region, modes, args[:n_rows], args[n_rows:])
 
-            _, pullback = vjp(shard_fn, *[shard[i] for i in wanted])
-            grads = pullback(grad[lo:hi], retain_graph=False)  # frees the shard's residuals as they are used
-            del _, pullback  # before the next shard's recompute: one shard's intermediates alive at a time
-            for i, g in zip(wanted, grads):
-                if i < n_rows:
-                    row_grads[i][lo:hi] = g
-                elif i not in sums:  # fp32 accumulator for low-precision weights: one rounding at the end
-                    sums[i] = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
-                else:
-                    sums[i].add_(g)
-            del grads
+                _, pullback = vjp(shard_fn, *[shard[i] for i in wanted])
+                grads = pullback(grad[lo:hi], retain_graph=False)  # frees the shard's residuals as they are used
+                del _, pullback  # before the next shard's recompute: one shard's intermediates alive at a time
+                for i, g in zip(wanted, grads):
+                    if i < n_rows:
+                        row_grads[i][lo:hi] = g
+                    else:
+                        linear_mlp.accumulate(sums, i, g)
+                del grads
     grads = {**row_grads, **{i: s.to(inputs[i].dtype) for i, s in sums.items()}}
     return [grads[i] if i in grads else rows[0].new_empty(0) for i in range(len(inputs))]  # fresh empties: no aliases
 
@@ -293,6 +287,8 @@ class TiledRegion:
         self.module_paths, self.module_types, self.tensor_paths = module_paths, module_types, tensor_paths
         self.policy, self.hidden_size, self.intermediate_size = policy, hidden_size, intermediate_size
         self.stochastic = stochastic
+        template = _TEMPLATES[template_id].template  # its Python state is fixed: snapshot it once
+        self._tiled_states = tuple(_python_state(template.get_submodule(p)) for p in module_paths)
         self.__name__ = self.__qualname__ = f"fxtile_{label}"  # how the generated forward names it
         self.__module__ = __name__
 
@@ -302,10 +298,9 @@ class TiledRegion:
     def _check_state(self, modules: Sequence[nn.Module]) -> None:
         """The op runs a copy of the region's structure taken at transform time: refuse to run it if
         a module's Python state changed since (PEFT's disable_adapter/merge_adapter, a new scaling)."""
-        template = _TEMPLATES[self.template_id].template
-        for path, module in zip(self.module_paths, modules):
+        for path, module, tiled_state in zip(self.module_paths, modules, self._tiled_states):
             live = _python_state(module)
-            if any(live.get(key) != value for key, value in _python_state(template.get_submodule(path)).items()):
+            if any(live.get(key) != value for key, value in tiled_state.items()):
                 raise RuntimeError(
                     f"fxtile: {path!r} inside {self.__name__} changed since fxtile.transform (its non-tensor "
                     "state differs, e.g. PEFT's disable_adapter() or merge_adapter()); call fxtile.restore(model) "
