@@ -1,8 +1,9 @@
 """Public API: ``find``, ``transform``, ``restore``.
 
-``transform`` walks the module tree top-down and traces each block that holds at least two
-linear-like layers (``passes.trace``). A block that does not trace is opened up and its children are
-tried. In each traced graph the MLP regions are matched by shape (``passes.match``) and replaced by
+``transform`` walks the module tree innermost-first and traces each block that holds at least two
+projections (``passes.trace``) and has no tiled descendant; a block that does not trace is reported,
+or traced per call signature (``passes.specialize``); routed expert banks are matched by their
+stacked weights (``passes.experts``). In each traced graph the MLP regions are matched by shape (``passes.match``) and replaced by
 one tiled call node (``passes.rewrite``). The rewritten forward is bound to the *same* module instance
 as an instance attribute. Parameters, buffers, ``state_dict`` keys, hooks and module names stay as
 they are, and ``restore`` removes that attribute to bring back the original forward exactly.
@@ -82,7 +83,6 @@ class _TileState:
     matches: list[Match]
     policy: ShardPolicy
     forward_fn: Callable  # the rewritten forward (a deepcopy shares it: functions copy by reference)
-    previous_forward: Optional[Callable] = None  # an instance-level forward we replaced (e.g. a hook wrapper)
     experts: bool = False  # a routed expert bank (passes.experts), not an fx-matched region
     specialized: Optional["_Specialized"] = None  # traced per call signature (passes.specialize)
 
@@ -171,10 +171,7 @@ def _plan(model: nn.Module, filter_fn: Optional[FilterFn]) -> _Plan:
             return found
         if filter_fn is not None and not filter_fn(module, path):
             return False
-        if "forward" in module.__dict__:  # a wrapper (offload hook, user patch) that tiling would bypass
-            if _looks_like_mlp(module):
-                plan.skipped.append(Skipped(path, "has an instance-level forward (a wrapper or hook, e.g. "
-                                                  "accelerate's offload) that a tiled forward would bypass"))
+        if wrapped(path, module):
             return False
         result = trace(module)
         quiet = len(plan.skipped) > reported  # a descendant already said why: do not repeat it
@@ -196,8 +193,17 @@ def _plan(model: nn.Module, filter_fn: Optional[FilterFn]) -> _Plan:
             plan.skipped += [Skipped(path, f"MLP-shaped nodes {', '.join(r.nodes)}: {r.reason}") for r in rejections]
         return False
 
+    def wrapped(path: str, module: nn.Module) -> bool:
+        """An instance-level forward (offload hook, user patch) would be bypassed by a tiled one: refuse."""
+        if "forward" not in module.__dict__:
+            return False
+        if _looks_like_mlp(module) or looks_like_experts(module):
+            plan.skipped.append(Skipped(path, "has an instance-level forward (a wrapper or hook, e.g. "
+                                              "accelerate's offload) that a tiled forward would bypass"))
+        return True
+
     def visit_bank(path: str, module: nn.Module) -> bool:
-        if filter_fn is not None and not filter_fn(module, path):
+        if (filter_fn is not None and not filter_fn(module, path)) or wrapped(path, module):
             return False
         found = match_experts(module)
         if isinstance(found, ExpertsMatch):
@@ -226,7 +232,7 @@ def _specialized_forward(self: nn.Module, *args, **kwargs):
     state: _TileState = self.__dict__[_STATE]
     spec = state.specialized
     assert spec is not None
-    original = state.previous_forward or types.MethodType(type(self).forward, self)
+    original = types.MethodType(type(self).forward, self)
     keyed = call_spec(spec.signature, self.training, args, kwargs)
     if keyed is None:
         return original(*args, **kwargs)
@@ -323,7 +329,6 @@ def _tiled_forward(path: str, gm: fx.GraphModule, candidates: list[Candidate], p
 
 
 def _install(module: nn.Module, state: _TileState) -> None:
-    state.previous_forward = module.__dict__.get("forward")
     object.__setattr__(module, _STATE, state)
     module.forward = types.MethodType(state.forward_fn, module)
     distributed.mark_zero3_leaf(module)  # ZeRO-3: gather every weight the tiled forward reads (fxtile/distributed.py)
@@ -340,11 +345,8 @@ def _check_uninstallable(module: nn.Module) -> None:
 
 def _uninstall(module: nn.Module) -> None:
     _check_uninstallable(module)  # before any change: a refused restore leaves the tiling intact
-    state: _TileState = module.__dict__.pop(_STATE)
-    if state.previous_forward is not None:
-        module.forward = state.previous_forward
-    else:
-        del module.forward
+    del module.__dict__[_STATE]
+    del module.forward
     distributed.unmark_zero3_leaf(module)
 
 
