@@ -128,7 +128,7 @@ def _replay(
     grads = [t.grad for t in tensors if t.grad is not None]
     x_dtype = dtype or next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     x = torch.empty(tokens, region.hidden_size, device="meta", dtype=x_dtype, requires_grad=True)
-    shards = max(1, min(int(region.shards_for(tokens)), tokens))
+    shards = len(op.shard_bounds(tokens, int(region.shards_for(tokens))))  # the op's own clamping
     inputs = sum(1 for n in op._TEMPLATES[region.template_id].template.graph.nodes if n.op == "placeholder")
     if inputs != 1:
         raise NotImplementedError(

@@ -45,18 +45,17 @@ def extract_region(gm: fx.GraphModule, cand: Candidate) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {node: graph.placeholder(f"x{i}") for i, node in enumerate(cand.inputs)}
 
-    def copy_static(node: fx.Node) -> None:
-        """Parameters and element-wise functions of them (``softplus(self.alpha)``), recomputed inside."""
+    def copy(node: fx.Node) -> None:
+        """Copy ``node`` after whatever it reads that is not copied yet: besides the inputs and earlier
+        region nodes (graph order), only static operands, i.e. parameters and element-wise functions
+        of them (``softplus(self.alpha)``), which the matcher checked and which are recomputed inside."""
         for arg in node.all_input_nodes:
             if arg not in env:
-                copy_static(arg)
+                copy(arg)
         env[node] = graph.node_copy(node, env.__getitem__)
 
     for node in cand.nodes:
-        for arg in node.all_input_nodes:
-            if arg not in env:  # only static operands can enter besides the inputs (checked by the matcher)
-                copy_static(arg)
-        env[node] = graph.node_copy(node, env.__getitem__)
+        copy(node)
     graph.output(env[cand.exit])
     return fx.GraphModule(gm, graph, "FxtileRegion")
 
@@ -92,7 +91,6 @@ def meta_template(region: fx.GraphModule, tensor_paths: tuple[str, ...]) -> fx.G
         for hooks in MODULE_HOOKS:  # offload, user hooks): a template copy must never run them per shard
             getattr(module, hooks).clear()
     return template
-
 
 
 def get_path(root: torch.nn.Module, path: str) -> torch.Tensor:
