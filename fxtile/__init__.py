@@ -1,11 +1,28 @@
 """fxtile: tile the MLPs of any ``nn.Module`` over tokens, found by graph shape, with no registry.
 
 Stable API: :func:`transform`, :func:`find`, :func:`restore`, :class:`Match`, :class:`Skipped`,
-:class:`ShardPolicy`.
+:class:`ShardPolicy`. The layers underneath, each depending only on the ones after it:
+``fxtile.api`` (the walk) -> ``passes`` (trace, match, cut, rewrite: graph work) -> ``fxtile.region``
+-> ``fxtile.op`` (custom ops, autograd) -> ``fxtile.kernels`` (tensor code).
 """
 
-from .api import Match, Matches, Skipped, find, restore, transform
 from .policy import ShardPolicy
 
 __all__ = ["Match", "Matches", "ShardPolicy", "Skipped", "find", "restore", "transform"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_API = {"Match", "Matches", "Skipped", "find", "restore", "transform"}
+
+
+def __getattr__(name: str):
+    # The API is imported on first use, not here: ``passes`` (imported by the API) builds the regions
+    # defined in this package, so importing a ``passes`` module first must not re-enter the API.
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fxtile' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _API)

@@ -1,72 +1,43 @@
 """Public API: ``find``, ``transform``, ``restore``.
 
-``transform`` walks the module tree innermost-first and traces each block that holds at least two
-projections (``passes.trace``) and has no tiled descendant; a block that does not trace is reported,
-or traced per call signature (``passes.specialize``); routed expert banks are matched by their
-stacked weights (``passes.experts``). In each traced graph the MLP regions are matched by shape (``passes.match``) and replaced by
-one tiled call node (``passes.rewrite``). The rewritten forward is bound to the *same* module instance
+``transform`` is a short walk over the module tree, innermost first (the shape of torchao's
+``_replace_with_custom_fn_if_matches_filter``): each module ``filter_fn`` admits is offered to the block
+kinds of :mod:`fxtile.kinds` in order, which plan it (``Planned``), refuse it with reasons (``Skipped``)
+or decline it. Every planned block is then built (regions built once, checked numerically) and only
+when all are built is anything installed: the rewritten forward is bound to the *same* module instance
 as an instance attribute. Parameters, buffers, ``state_dict`` keys, hooks and module names stay as
 they are, and ``restore`` removes that attribute to bring back the original forward exactly.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-import torch.fx as fx
 from torch import nn
 
-from passes.experts import ExpertsMatch, experts_forward, looks_like_experts, match_experts
-from passes.match import Candidate, find_candidates
-from passes.rewrite import MODULE_HOOKS, extract_region, meta_template, region_inputs, rewrite
-from passes.specialize import call_spec, default_spec, trace_call
-from passes.trace import is_linear_like, linear_dims, trace
+from passes.experts import looks_like_experts
+from passes.patterns import MLP_PATTERNS, Pattern
+from passes.trace import is_linear_like, linear_dims
 
 from . import distributed
-from .op import TiledRegion, register_template
+from .kinds import KINDS, STATE, Context, Declined, Match, Planned, Skipped, TileState
 from .policy import ShardPolicy, as_policy
+from .region import TiledRegion
 
-__all__ = ["Match", "Matches", "Skipped", "find", "restore", "transform"]
+__all__ = ["Match", "Matches", "Skipped", "find", "restore", "tile_state", "tiled_regions", "transform"]
 
 logger = logging.getLogger(__name__)
 
-_STATE = "_fxtile"  # instance attribute holding a tiled module's state (a plain object: not in state_dict)
-
 FilterFn = Callable[[nn.Module, str], bool]
 
-
-@dataclass(frozen=True)
-class Match:
-    """One MLP region, as plain values (valid after ``transform`` and ``restore``).
-
-    ``path`` is the qualified name of the module whose forward holds the region ("" for the root),
-    ``roles`` maps gate/up/down/act (gated), gate_up/down/act (fused) or fc1/fc2/act (plain) to
-    submodule names relative to ``path`` (``act`` is absent for functional activations), and
-    ``nodes`` names the fx nodes the tiled call replaces.
-    """
-
-    path: str
-    pattern: str
-    roles: dict[str, str]
-    activation: str
-    hidden_size: int
-    intermediate_size: int
-    nodes: tuple[str, ...]
-    tiled: bool = False
-    shards: Optional[str] = None  # "auto" or a fixed count, when tiled
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A block that looked like it holds an MLP but was left untouched, and why."""
-
-    path: str
-    reason: str
+# Regions the self-check refused at the last transform, by block: what find() reports for them (the
+# check itself runs only in transform). Weak: the record goes with the module.
+_REFUSED: "weakref.WeakKeyDictionary[nn.Module, list[Skipped]]" = weakref.WeakKeyDictionary()
 
 
 class Matches(list):
@@ -77,53 +48,28 @@ class Matches(list):
         self.skipped = skipped
 
 
-@dataclass
-class _TileState:
-    graph_module: Optional[fx.GraphModule]  # None for a block traced per call (see specialized)
-    matches: list[Match]
-    policy: ShardPolicy
-    forward_fn: Callable  # the rewritten forward (a deepcopy shares it: functions copy by reference)
-    experts: bool = False  # a routed expert bank (passes.experts), not an fx-matched region
-    specialized: Optional["_Specialized"] = None  # traced per call signature (passes.specialize)
+def tile_state(module: nn.Module) -> Optional[TileState]:
+    """What fxtile installed on ``module``, or None (not stable; for ``fxtile.testing``)."""
+    state = module.__dict__.get(STATE)
+    return state if isinstance(state, TileState) else None
 
 
-class _SpecCache(dict):
-    """Call key -> tiled graph (or None: run the original forward). Not copied by deepcopy: a copy
-    re-traces on its first calls, so no graph of the copy points at the original's modules."""
 
-    def __deepcopy__(self, memo: dict) -> "_SpecCache":
-        return _SpecCache()
-
-
-@dataclass
-class _Specialized:
-    path: str
-    signature: inspect.Signature
-    cache: _SpecCache = field(default_factory=_SpecCache)
-
-
-@dataclass
-class _Plan:
-    owners: list[tuple[str, nn.Module, fx.GraphModule, list[Candidate]]] = field(default_factory=list)
-    banks: list[tuple[str, nn.Module, ExpertsMatch]] = field(default_factory=list)
-    deferred: list[tuple[str, nn.Module, list[Candidate]]] = field(default_factory=list)
-    tiled: list[tuple[str, nn.Module]] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-
-
-def _linear_leaves(module: nn.Module) -> Iterator[nn.Module]:
+def _dims(module: nn.Module) -> Iterator[tuple[int, int]]:
+    """``(in, out)`` of every projection below ``module``: linear-like leaves and bare 2-D weights
+    (``F.linear`` on raw parameters, Megatron's parallel linears), read as ``[out, in]``."""
     if is_linear_like(module):
-        yield module
+        yield linear_dims(module)
         return
+    for p in module.parameters(recurse=False):
+        if p.dim() == 2:
+            yield int(p.shape[1]), int(p.shape[0])
     for child in module.children():
-        yield from _linear_leaves(child)
+        yield from _dims(child)
 
 
 def _projections(module: nn.Module) -> int:
-    """Linear-like leaves plus bare 2-D parameters (``F.linear`` on raw weights): what an MLP needs two of.
-
-    A routed expert bank (stacked 3-D weights) counts as two: it holds whole MLPs.
-    """
+    """Projections below ``module``; a routed expert bank (stacked 3-D weights) counts as two."""
     if is_linear_like(module):
         return 1
     if looks_like_experts(module):
@@ -134,163 +80,95 @@ def _projections(module: nn.Module) -> int:
 
 def _looks_like_mlp(module: nn.Module) -> bool:
     """An expanding projection (h -> i, i > h) and one contracting back (i or i/2 -> h): worth reporting."""
-    dims = [linear_dims(m) for m in _linear_leaves(module)]
+    dims = list(_dims(module))
     return any(i > h and (i2 in (i, i // 2)) and o2 == h for h, i in dims for i2, o2 in dims)
 
 
-def _to_match(path: str, cand: Candidate, policy: Optional[ShardPolicy]) -> Match:
-    return Match(
-        path=path, pattern=cand.pattern, roles=dict(cand.roles),
-        activation=cand.activation, hidden_size=cand.hidden_size, intermediate_size=cand.intermediate_size,
-        nodes=tuple(n.name for n in cand.nodes), tiled=policy is not None,
-        shards=policy.describe() if policy is not None else None,
-    )
+def _instance_forward(module: nn.Module) -> bool:
+    """An instance-level forward (offload hook, user patch) would be bypassed by a tiled one."""
+    return "forward" in module.__dict__
 
 
-def _plan(model: nn.Module, filter_fn: Optional[FilterFn]) -> _Plan:
-    plan = _Plan()
+@dataclass
+class _Walk:
+    filter_fn: Optional[FilterFn]
+    patterns: tuple[Pattern, ...]
+    retile: Optional[ShardPolicy] = None  # transform: tiled blocks with another policy are untiled and planned again
+    planned: list[Planned] = field(default_factory=list)
+    tiled: list[tuple[str, nn.Module]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    opaque: list[nn.Module] = field(default_factory=list)  # excluded by filter_fn, or holding a region
+    retiled: list[tuple[nn.Module, TileState]] = field(default_factory=list)
 
-    def visit(path: str, module: nn.Module) -> bool:
-        """Plan ``module`` innermost-first; True if it or a descendant holds a found or tiled MLP.
+    def visit(self, path: str, module: nn.Module) -> bool:
+        """Plan ``module`` innermost-first; True if it or a descendant holds a region.
 
-        Innermost-first makes each match's path the smallest block holding it (``layers.0.mlp``,
-        not the whole model), which is what ``filter_fn`` and the report name.
+        Innermost-first makes each match's path the smallest block holding it (``layers.0.mlp``, not
+        the whole model), which is what ``filter_fn`` and the report name.
         """
-        if isinstance(module.__dict__.get(_STATE), _TileState):
-            plan.tiled.append((path, module))
-            return True
-        if is_linear_like(module) or _projections(module) < 2:
-            return False
-        if looks_like_experts(module):
-            return visit_bank(path, module)
-        reported = len(plan.skipped)
-        found = False
-        for name, child in module.named_children():
-            found |= visit(f"{path}.{name}" if path else name, child)
-        if found or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-            return found
-        if filter_fn is not None and not filter_fn(module, path):
-            return False
-        if wrapped(path, module):
-            return False
-        result = trace(module)
-        quiet = len(plan.skipped) > reported  # a descendant already said why: do not repeat it
-        if result.graph_module is None and _looks_like_mlp(module):
-            candidates = _default_call_candidates(module)
-            if candidates:  # traced per call signature, untraceable parts as leaves
-                del plan.skipped[reported:]
-                plan.deferred.append((path, module, candidates))
+        state = tile_state(module)
+        if state is not None:
+            if self.retile is None or state.policy == self.retile:
+                self.tiled.append((path, module))
+                self.opaque.append(module)
+                self.skipped += _REFUSED.get(module, [])
                 return True
-        if result.graph_module is None:
-            if not quiet and _looks_like_mlp(module):
-                plan.skipped.append(Skipped(path, result.reason or "not traced"))
+            _uninstall(module)  # planned again below with the new policy; put back if anything fails
+            self.retiled.append((module, state))
+        patterns = self.patterns
+        if is_linear_like(module) or _projections(module) < min(p.min_projections for p in patterns):
             return False
-        candidates, rejections = find_candidates(result.graph_module)
-        if candidates:
-            plan.owners.append((path, module, result.graph_module, candidates))
-            return True
-        if not quiet:
-            plan.skipped += [Skipped(path, f"MLP-shaped nodes {', '.join(r.nodes)}: {r.reason}") for r in rejections]
-        return False
-
-    def wrapped(path: str, module: nn.Module) -> bool:
-        """An instance-level forward (offload hook, user patch) would be bypassed by a tiled one: refuse."""
-        if "forward" not in module.__dict__:
-            return False
-        if _looks_like_mlp(module) or looks_like_experts(module):
-            plan.skipped.append(Skipped(path, "has an instance-level forward (a wrapper or hook, e.g. "
-                                              "accelerate's offload) that a tiled forward would bypass"))
-        return True
-
-    def visit_bank(path: str, module: nn.Module) -> bool:
-        if (filter_fn is not None and not filter_fn(module, path)) or wrapped(path, module):
-            return False
-        found = match_experts(module)
-        if isinstance(found, ExpertsMatch):
-            plan.banks.append((path, module, found))
-            return True
-        plan.skipped.append(Skipped(path, f"expert bank: {found}"))
-        return False
-
-    visit("", model)
-    return plan
-
-
-def _default_call_candidates(module: nn.Module) -> list[Candidate]:
-    """The regions of ``module(x)`` traced with its optional arguments at their defaults."""
-    found = default_spec(module)
-    if found is None:
-        return []
-    gm = trace_call(module, found[0])
-    if isinstance(gm, str):
-        return []
-    return find_candidates(gm)[0]
-
-
-def _specialized_forward(self: nn.Module, *args, **kwargs):
-    """Forward of a block traced per call: the tiled graph for this call's key, or the original forward."""
-    state: _TileState = self.__dict__[_STATE]
-    spec = state.specialized
-    assert spec is not None
-    original = types.MethodType(type(self).forward, self)
-    keyed = call_spec(spec.signature, self.training, args, kwargs)
-    if keyed is None:
-        return original(*args, **kwargs)
-    call, tensors = keyed
-    if call.key not in spec.cache:
-        spec.cache[call.key] = _build_specialized(self, call, spec.path, state.policy)
-    gm = spec.cache[call.key]
-    if gm is None:
-        return original(*args, **kwargs)
-    return gm(*tensors)
+        reported = len(self.skipped)
+        found = False
+        if not looks_like_experts(module):  # a bank's children are its activation
+            for name, child in module.named_children():
+                found |= self.visit(f"{path}.{name}" if path else name, child)
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            return found
+        if found:  # only patterns that may enclose tiled blocks (the loss head) are looked for here
+            patterns = tuple(p for p in patterns if p.nests)
+            if not patterns:
+                return found
+        looks = _looks_like_mlp(module) or looks_like_experts(module)
+        quiet = len(self.skipped) > reported  # a descendant already said why: do not repeat it
+        if self.filter_fn is not None and not self.filter_fn(module, path):
+            self.opaque.append(module)
+            if looks and not found and not quiet:
+                self.skipped.append(Skipped(path, "excluded by filter_fn"))
+            return found
+        if _instance_forward(module):
+            if looks and not quiet:
+                self.skipped.append(Skipped(path, "has an instance-level forward (a wrapper or hook, e.g. "
+                                                  "accelerate's offload) that a tiled forward would bypass"))
+            return found
+        ctx = Context(path, frozenset(self.opaque), patterns, looks)
+        declined = []
+        for kind in KINDS:
+            result = kind.plan(module, ctx)
+            if isinstance(result, Planned):
+                del self.skipped[reported:]  # the block covers what its descendants refused
+                self.opaque.append(module)
+                if self.retile is None and module in _REFUSED:  # find(): the last transform's self-check said no
+                    self.skipped += _REFUSED[module]
+                    return True  # as in transform, its ancestors do not try the same region again
+                self.planned.append(result)
+                return True
+            if isinstance(result, Declined):
+                declined.append(result.reason)
+                continue
+            if not quiet:
+                self.skipped += result
+            return found
+        reason = "; ".join(dict.fromkeys(r for r in declined if r)) or "not traced"
+        if looks and not quiet and not found:
+            self.skipped.append(Skipped(path, reason))
+        return found
 
 
-def _build_specialized(module: nn.Module, call, path: str, policy: ShardPolicy) -> Optional[fx.GraphModule]:
-    gm = trace_call(module, call)
-    if isinstance(gm, str):
-        logger.info("fxtile: %s runs untiled for this call: %s", path, gm)
-        return None
-    candidates = find_candidates(gm)[0]
-    if not candidates:
-        logger.info("fxtile: %s runs untiled for this call: no MLP region in its graph", path)
-        return None
-    return _tiled_forward(path, gm, candidates, policy)
-
-
-def _bank_match(path: str, bank: ExpertsMatch, policy: Optional[ShardPolicy]) -> Match:
-    return Match(
-        path=path, pattern="routed_experts", roles={"experts": ", ".join(bank.tensor_names)},
-        activation=bank.activation, hidden_size=bank.hidden_size, intermediate_size=bank.intermediate_size,
-        nodes=(path.rsplit(".", 1)[-1] or "experts",), tiled=policy is not None,
-        shards=policy.describe() if policy is not None else None,
-    )
-
-
-def _tiled_bank(module: nn.Module, bank: ExpertsMatch, policy: ShardPolicy) -> fx.GraphModule:
-    """The bank's own forward, sharded: the op runs a meta copy of the bank on each row range."""
-    children = tuple(name for name, _ in module.named_children())  # they carry the train/eval mode
-    template_id = register_template(meta_template(module, bank.tensor_names), bank.tensor_names, children)
-    target = TiledRegion(
-        template_id, children, tuple(type(module.get_submodule(c)) for c in children), bank.tensor_names, policy,
-        bank.hidden_size, bank.intermediate_size, False, "routed_experts_0",
-    )
-    return experts_forward(module, bank, target)
-
-
-def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None) -> Matches:
-    """Dry run: the MLP regions ``transform`` would tile (or has tiled), without changing ``model``.
-
-    ``filter_fn(module, fqn) -> bool`` is asked before a block is traced (innermost blocks first; a
-    block with a matched descendant is not traced itself). The result's ``.skipped`` lists blocks that look like MLPs but were
-    not matched, each with the reason.
-    """
-    _check_args(model, filter_fn)
-    plan = _plan(model, filter_fn)
-    matches = [m for _, module in plan.tiled for m in getattr(module, _STATE).matches]
-    matches += [_to_match(path, c, None) for path, _, _, cands in plan.owners for c in cands]
-    matches += [_bank_match(path, bank, None) for path, _, bank in plan.banks]
-    matches += [_to_match(path, c, None) for path, _, cands in plan.deferred for c in cands]
-    return Matches(matches, plan.skipped)
+def _patterns(loss: bool) -> tuple[Pattern, ...]:
+    if not isinstance(loss, bool):
+        raise TypeError(f"loss must be True or False, got {type(loss).__name__} {loss!r}")
+    return MLP_PATTERNS
 
 
 def _check_args(model: object, filter_fn: object) -> None:
@@ -300,81 +178,48 @@ def _check_args(model: object, filter_fn: object) -> None:
         raise TypeError(f"filter_fn must be a callable (module, fqn) -> bool or None, got {type(filter_fn).__name__}")
 
 
-def _warn_about_hooks(path: str, region: fx.GraphModule, module_paths: tuple[str, ...]) -> None:
-    """Hooks on modules *inside* a tiled region cannot run as before (the region runs as one op over
-    shards), so say so instead of dropping them silently."""
-    hooked = [p for p in module_paths if any(getattr(region.get_submodule(p), h) for h in MODULE_HOOKS)]
-    if hooked:
-        names = ", ".join(f"{path}.{p}" if path else p for p in hooked)
-        warnings.warn(
-            f"fxtile: {names} inside a tiled MLP has module hooks, which do not run while it is tiled; "
-            f"exclude the block with filter_fn=lambda m, fqn: fqn != {path!r} to keep them",
-            stacklevel=4,
-        )
+def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None, loss: bool = False) -> Matches:
+    """Dry run: the regions ``transform`` would tile (or has tiled), without changing ``model``.
+
+    ``filter_fn(module, fqn) -> bool`` is asked before a block is traced (innermost blocks first; a
+    block with a matched descendant is not traced itself). The result's ``.skipped`` lists blocks that
+    look like MLPs but were not matched, each with the reason. The self-check runs in ``transform``.
+    """
+    _check_args(model, filter_fn)
+    walk = _Walk(filter_fn, _patterns(loss))
+    walk.visit("", model)
+    matches = [m for _, module in walk.tiled for m in tile_state(module).matches]
+    matches += [m for planned in walk.planned for m in planned.matches]
+    return Matches(matches, walk.skipped)
 
 
-def _tiled_forward(path: str, gm: fx.GraphModule, candidates: list[Candidate], policy: ShardPolicy) -> fx.GraphModule:
-    regions = []
-    for i, cand in enumerate(candidates):
-        region = extract_region(gm, cand)
-        module_paths, tensor_paths = region_inputs(region)
-        _warn_about_hooks(path, region, module_paths)
-        template_id = register_template(meta_template(region, tensor_paths), tensor_paths, module_paths)
-        target = TiledRegion(
-            template_id, module_paths, tuple(type(region.get_submodule(p)) for p in module_paths), tensor_paths,
-            policy, cand.hidden_size, cand.intermediate_size, cand.stochastic, f"{cand.pattern}_mlp_{i}",
-        )
-        regions.append((cand, target))
-    return rewrite(gm, regions).graph_module
-
-
-def _install(module: nn.Module, state: _TileState) -> None:
-    object.__setattr__(module, _STATE, state)
-    module.forward = types.MethodType(state.forward_fn, module)
+def _install(module: nn.Module, state: TileState) -> None:
+    object.__setattr__(module, STATE, state)
+    module.__dict__[state.attr] = types.MethodType(state.function, module)
     distributed.mark_zero3_leaf(module)  # ZeRO-3: gather every weight the tiled forward reads (fxtile/distributed.py)
 
 
 def _check_uninstallable(module: nn.Module) -> None:
-    state: _TileState = module.__dict__[_STATE]
-    if getattr(module.__dict__.get("forward"), "__func__", None) is not state.forward_fn:
+    state = tile_state(module)
+    assert state is not None
+    if getattr(module.__dict__.get(state.attr), "__func__", None) is not state.function:
         raise RuntimeError(
-            f"fxtile: the forward of {type(module).__name__} was replaced after fxtile.transform; "
+            f"fxtile: the {state.attr} of {type(module).__name__} was replaced after fxtile.transform; "
             "remove that wrapper first, then call fxtile.restore"
         )
 
 
 def _uninstall(module: nn.Module) -> None:
     _check_uninstallable(module)  # before any change: a refused restore leaves the tiling intact
-    del module.__dict__[_STATE]
-    del module.forward
+    state = module.__dict__.pop(STATE)
+    del module.__dict__[state.attr]
     distributed.unmark_zero3_leaf(module)
 
 
-def _build(plan: _Plan, policy: ShardPolicy, retiled: list[tuple[nn.Module, _TileState]]):
-    """Every rewrite of the plan, built before any is installed; blocks tiled with another policy are
-    untiled first (recorded in ``retiled`` so a failure can put them back) and planned again."""
-    for path, module in plan.tiled:  # idempotent: same policy keeps the tiling, a new one re-tiles
-        state: _TileState = module.__dict__[_STATE]
-        if state.policy == policy:
-            continue
-        _uninstall(module)
-        retiled.append((module, state))
-        if state.specialized is not None:
-            plan.deferred.append((path, module, _default_call_candidates(module)))
-        elif state.experts:
-            bank = match_experts(module)
-            assert isinstance(bank, ExpertsMatch)  # it matched before
-            plan.banks.append((path, module, bank))
-        else:
-            gm = trace(module).graph_module
-            assert gm is not None  # it traced before
-            plan.owners.append((path, module, gm, find_candidates(gm)[0]))
-    built = [(path, module, _tiled_forward(path, gm, cands, policy), cands) for path, module, gm, cands in plan.owners]
-    banks = [(path, module, _tiled_bank(module, bank, policy), bank) for path, module, bank in plan.banks]
-    return built, banks
-
-
-def transform(model: nn.Module, shards: object = "auto", *, filter_fn: Optional[FilterFn] = None) -> nn.Module:
+def transform(
+    model: nn.Module, shards: object = "auto", *, filter_fn: Optional[FilterFn] = None, verify: bool = True,
+    loss: bool = False,
+) -> nn.Module:
     """Tile every MLP region of ``model`` over tokens, in place; returns the same ``model`` object.
 
     Why: on long sequences the MLP's ``tokens x intermediate`` activations dominate memory. The tiled
@@ -383,37 +228,51 @@ def transform(model: nn.Module, shards: object = "auto", *, filter_fn: Optional[
 
     ``shards`` is ``"auto"`` (see :class:`fxtile.ShardPolicy`), a positive int, or a ``ShardPolicy``.
     Calling ``transform`` again is a no-op with the same ``shards`` and re-tiles with a new one.
-    Blocks that cannot be traced or matched are left as they are and listed by ``fxtile.find(model).skipped``.
+    ``filter_fn(module, fqn) -> bool``: a module it refuses is never tiled, neither itself nor as part of
+    an ancestor's graph (there it stays one opaque call). ``verify``: check every region numerically
+    before installing it (a region that disagrees is left alone and reported). Blocks that cannot be
+    traced, matched or verified are left as they are and listed by ``fxtile.find(model).skipped``.
 
     Example: a Llama MLP's forward before and after::
 
-        gate_proj = self.gate_proj(x); silu = F.silu(gate_proj); up_proj = self.up_proj(x)
-        mul = silu * up_proj; down_proj = self.down_proj(mul); return down_proj
+        gate_proj = self.gate_proj(x);  act_fn = self.act_fn(gate_proj);  up_proj = self.up_proj(x)
+        mul = act_fn * up_proj;  down_proj = self.down_proj(mul);  return down_proj
         # after: one node, weights passed explicitly
-        fxtile_gated_mlp_0 = fxtile_gated_mlp_0(x, (self.gate_proj, self.up_proj, self.down_proj),
-            (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)); return fxtile_gated_mlp_0
+        fxtile_gated_0 = fxtile_gated_0((x,), (self.gate_proj, self.act_fn, self.up_proj, self.down_proj),
+            (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight));  return fxtile_gated_0
     """
     _check_args(model, filter_fn)
     policy = as_policy(shards)
-    plan = _plan(model, filter_fn)
-    retiled: list[tuple[nn.Module, _TileState]] = []
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {type(verify).__name__} {verify!r}")
+    walk = _Walk(filter_fn, _patterns(loss), retile=policy)
+    built: list[tuple[nn.Module, TileState]] = []
     try:
-        built, banks = _build(plan, policy, retiled)
+        walk.visit("", model)
+        refused: list[tuple[nn.Module, list[Skipped]]] = []
+        for planned in walk.planned:  # build every block before installing any
+            result = planned.build(policy, verify)
+            if isinstance(result, TileState):
+                built.append((planned.module, result))
+            refusals = [] if isinstance(result, TileState) else result
+            if isinstance(result, TileState) and len(result.matches) < len(planned.matches):
+                refusals = result.refused
+            walk.skipped += refusals
+            refused.append((planned.module, refusals))
     except BaseException:  # never half-rewritten: put back the tilings a re-tile had taken off
-        for module, state in retiled:
+        for module, state in walk.retiled:
             _install(module, state)
         raise
-    for path, module, gm, cands in built:  # install only once every rewrite succeeded
-        _install(module, _TileState(gm, [_to_match(path, c, policy) for c in cands], policy, type(gm).forward))
-    for path, module, cands in plan.deferred:
-        spec = _Specialized(path, inspect.signature(module.forward))
-        matches = [_to_match(path, c, policy) for c in cands]
-        _install(module, _TileState(None, matches, policy, _specialized_forward, specialized=spec))
-    for path, module, gm, bank in banks:
-        _install(module, _TileState(gm, [_bank_match(path, bank, policy)], policy, type(gm).forward, experts=True))
-    for skip in plan.skipped:
+    for module, state in built:
+        _install(module, state)
+    for module, refusals in refused:
+        if refusals:
+            _REFUSED[module] = refusals
+        else:
+            _REFUSED.pop(module, None)
+    for skip in walk.skipped:
         logger.info("fxtile: not tiling %s: %s", skip.path or type(model).__name__, skip.reason)
-    if not built and not banks and not plan.deferred and not plan.tiled:
+    if not built and not walk.tiled:
         warnings.warn(
             f"fxtile.transform found no MLP to tile in {type(model).__name__}; "
             "see fxtile.find(model).skipped for the blocks it looked at and why",
@@ -425,9 +284,22 @@ def transform(model: nn.Module, shards: object = "auto", *, filter_fn: Optional[
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``transform`` everywhere in ``model``, in place; returns the same ``model`` object."""
     _check_args(model, None)
-    tiled = [m for m in model.modules() if isinstance(m.__dict__.get(_STATE), _TileState)]
+    tiled = [m for m in model.modules() if tile_state(m) is not None]
     for module in tiled:  # all or nothing
         _check_uninstallable(module)
     for module in tiled:
         _uninstall(module)
+    for module in model.modules():
+        _REFUSED.pop(module, None)
     return model
+
+
+def tiled_regions(model: nn.Module) -> list[tuple[str, Match, TiledRegion]]:
+    """Every tiled region of ``model`` with its match and its callable, in module order (a block traced
+    per call contributes its default call's regions). Not stable; for ``fxtile.estimate`` and ``fxtile.testing``."""
+    found = []
+    for path, module in model.named_modules():
+        state = tile_state(module)
+        if state is not None:
+            found += [(path, m, r) for m, r in zip(state.matches, state.regions)]
+    return found

@@ -3,8 +3,10 @@
 Why a command: before a long-context run a user wants three answers without writing code or loading
 70B of weights. So the model is built on the **meta device** from its config (no weights allocated),
 ``fxtile.transform`` plans it, :mod:`fxtile.estimate` replays each MLP on meta at the requested
-tokens, and exactness is checked on a tiny random model of the same architecture (the config,
-shrunk), in float64 so any difference is a real error and not rounding.
+tokens, and exactness is checked by :func:`fxtile.tiny.verify` on a tiny random model of the same
+architecture (the config, shrunk as the coverage sweep shrinks it): one training call as users make
+it, in float64 so any difference is a real error and not rounding, and every tiled block must really
+run tiled in it.
 
 Exit codes: 0 when at least one MLP is tiled and the check passes; 1 when nothing was tiled or the
 check failed (the message says why); 2 for bad arguments or a model that cannot be read (one line,
@@ -16,23 +18,22 @@ Stable: :func:`main` (the ``fxtile`` console script and ``python -m fxtile``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 import textwrap
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, tiny
 from .api import Matches, find, transform
 from .estimate import MlpMemory, mlp_memory, total_peak
 from .policy import as_policy
+from .tiny import verify
 
 __all__ = ["main"]
 
@@ -139,163 +140,18 @@ def load_config(model: str, trust_remote_code: bool = False):
 
 def build_model(config, device: str | torch.device, trust_remote_code: bool = False) -> nn.Module:
     """A causal LM for ``config`` (or the base model where there is no causal-LM head) on ``device``."""
-    T = _transformers()
-    with torch.device(device):
-        for auto in (T.AutoModelForCausalLM, T.AutoModel):
-            try:
-                return auto.from_config(config, trust_remote_code=trust_remote_code)
-            except ValueError as exc:
-                if "Unrecognized configuration class" not in str(exc):
-                    raise
-    raise UsageError(f"transformers has no model class for {type(config).__name__}")
+    _transformers()
+    try:
+        return tiny.build_model(config, device, trust_remote_code)
+    except ValueError as exc:
+        if "no model class" not in str(exc):
+            raise
+        raise UsageError(str(exc)) from None
 
 
 def _first_line(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {text[:300]}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Verification on a tiny random model of the same architecture
-
-_SMALL = {  # field -> value in the tiny config (only fields the config has are touched)
-    "hidden_size": 64, "n_embd": 64, "d_model": 64,
-    "intermediate_size": 88, "n_inner": 88, "ffn_dim": 88,
-    "moe_intermediate_size": 40, "shared_expert_intermediate_size": 56,
-    "num_attention_heads": 4, "n_head": 4, "head_dim": 16,
-    "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
-    "n_group": 1, "topk_group": 1,
-    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    "vocab_size": 128,
-}
-
-
-def shrink_config(config):
-    """A copy of ``config`` small enough to run in float64 in a second, with the same architecture.
-
-    Every (sub-)config keeps its model type and code path; only sizes change: 2 layers, hidden 64,
-    4 heads of 16, kv heads 4, 2 or 1 (keeping MHA, GQA or MQA), intermediate 88, a 128-token
-    vocabulary, at most 4 experts, and per-layer lists cut to 2 layers.
-    """
-    small = copy.deepcopy(config)
-    for cfg in _configs(small):
-        layers = getattr(cfg, "num_hidden_layers", None)
-        heads = getattr(cfg, "num_attention_heads", None)
-        kv = getattr(cfg, "num_key_value_heads", None)
-        head_dim, rope_dim = getattr(cfg, "head_dim", None), getattr(cfg, "qk_rope_head_dim", None)
-        for name, value in _SMALL.items():
-            if isinstance(getattr(cfg, name, None), int) and not isinstance(getattr(cfg, name), bool):
-                setattr(cfg, name, value)
-        if isinstance(getattr(cfg, "qk_rope_head_dim", None), int):  # MLA: derived head sizes follow
-            if head_dim == rope_dim:
-                cfg.head_dim = cfg.qk_rope_head_dim
-            if hasattr(cfg, "qk_head_dim"):
-                cfg.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        if isinstance(kv, int) and isinstance(heads, int):
-            cfg.num_key_value_heads = 4 if kv >= heads else (1 if kv == 1 else 2)
-        if isinstance(layers, int):
-            dense = getattr(cfg, "first_k_dense_replace", None)  # keep one dense and one MoE layer
-            if isinstance(dense, int) and dense > 0:
-                cfg.first_k_dense_replace = 1
-            cfg.num_hidden_layers = 2
-            for name, value in list(vars(cfg).items()):
-                if isinstance(value, list) and len(value) == layers:
-                    setattr(cfg, name, value[:2])
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(cfg, name, None)
-            if isinstance(value, int) and value >= _SMALL["vocab_size"]:
-                setattr(cfg, name, 0 if name == "pad_token_id" else None)
-    return small
-
-
-def _configs(config) -> list:
-    """``config`` and its sub-configs (text, vision, ...), which composite models keep as attributes."""
-    found, stack = [], [config]
-    while stack:
-        cfg = stack.pop()
-        if any(cfg is c for c in found):
-            continue
-        found.append(cfg)
-        stack += [v for v in vars(cfg).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]
-    return found
-
-
-@dataclass(frozen=True)
-class Verification:
-    passed: bool
-    reason: str  # why it failed, or what was checked
-    max_abs_diff: Optional[float] = None
-    tiled: int = 0
-    seconds: float = 0.0
-
-
-def _logits(out) -> torch.Tensor:
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(out, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def verify(config, trust_remote_code: bool = False, shards: int = 3, batch: int = 2, seq: int = 13) -> Verification:
-    """Compare a tiny random model with its tiled copy: outputs and every parameter gradient.
-
-    ``batch x seq`` rows (an odd count) in ``shards`` shards, so the tiled op really runs in uneven
-    shards. Eval mode (no dropout: the shards draw different masks than one full call, by design).
-    float64 with ``rtol=1e-9, atol=1e-12`` (room for the shard sums' reordering only); float32 with
-    ``rtol=1e-4, atol=1e-6`` where the architecture has no float64 kernels on CPU (grouped MoE matmuls).
-    """
-    start = time.perf_counter()
-    result = None
-    for dtype, rtol, atol in ((torch.float64, 1e-9, 1e-12), (torch.float32, 1e-4, 1e-6)):
-        result = _compare(config, trust_remote_code, shards, batch, seq, dtype, rtol, atol)
-        if result.passed or not result.reason.startswith("the tiny model did not run"):
-            break
-    return Verification(result.passed, result.reason, result.max_abs_diff, result.tiled, time.perf_counter() - start)
-
-
-def _compare(config, trust_remote_code: bool, shards: int, batch: int, seq: int, dtype: torch.dtype,
-             rtol: float, atol: float) -> Verification:
-    try:
-        torch.manual_seed(0)
-        reference = build_model(shrink_config(config), "cpu", trust_remote_code).to(dtype).eval()
-    except Exception as exc:  # noqa: BLE001
-        return Verification(False, f"could not build a tiny model of this architecture: {_first_line(exc)}")
-    tiled = copy.deepcopy(reference)
-    transform(tiled, shards=shards)
-    count = sum(m.tiled for m in find(tiled))
-    if count == 0:
-        return Verification(False, "the tiny model of this architecture has no MLP fxtile can tile")
-    vocab = getattr(reference.config.get_text_config(), "vocab_size", None) or 128
-    ids = torch.randint(0, vocab, (batch, seq))
-    inputs = {"input_ids": ids}
-    if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids
-    try:
-        outs = []
-        for model in (reference, tiled):
-            out = _logits(model(**inputs))
-            torch.manual_seed(1)
-            (out * torch.randn_like(out)).sum().backward()
-            outs.append(out.detach())
-    except Exception as exc:  # noqa: BLE001
-        return Verification(False, f"the tiny model did not run forward and backward: {_first_line(exc)}", tiled=count)
-    name = str(dtype).removeprefix("torch.")
-    worst = (outs[0] - outs[1]).abs().max().item()
-    if not torch.allclose(outs[1], outs[0], rtol=rtol, atol=atol):
-        return Verification(False, f"outputs differ by up to {worst:.3g} ({name})", worst, count)
-    checked = 0
-    for (pname, p), q in zip(reference.named_parameters(), tiled.parameters()):
-        if (p.grad is None) != (q.grad is None):
-            return Verification(False, f"{pname}: only one of the two models has a gradient", worst, count)
-        if p.grad is None:
-            continue
-        worst = max(worst, (p.grad - q.grad).abs().max().item())
-        checked += 1
-        if not torch.allclose(q.grad, p.grad, rtol=rtol, atol=atol):
-            return Verification(False, f"gradient of {pname} differs by up to {worst:.3g} ({name})", worst, count)
-    reason = f"{count} MLPs tiled in {shards} shards, outputs and {checked} parameter gradients equal ({name})"
-    return Verification(True, reason, worst, count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +208,8 @@ def _plan_json(args, config, model: nn.Module, matches: Matches, memory, entries
             "activation_bytes_before": before, "activation_bytes_after": after, "saved_bytes": before - after,
         },
         "verification": None if verification is None else {
-            "passed": verification.passed, "detail": verification.reason,
-            "max_abs_diff": verification.max_abs_diff, "seconds": round(verification.seconds, 2),
+            "passed": verification.passed, "status": verification.status, "detail": verification.detail,
+            "max_error": verification.max_error, "seconds": round(verification.seconds, 2),
         },
     }
 
@@ -412,12 +268,13 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
             print("\nexactness: not checked (--no-verify)", file=out)
         else:
             print("\nchecking exactness on a tiny random model of the same architecture...", end="", file=err, flush=True)
-            verification = verify(config, args.trust_remote_code)
+            verification = verify(config, trust_remote_code=args.trust_remote_code)
             print(f" {'ok' if verification.passed else 'FAILED'} ({verification.seconds:.1f} s)", file=err, flush=True)
             if verification.passed:
-                print(f"\nexactness: passed: {verification.reason}, max |diff| {verification.max_abs_diff:.1e}", file=out)
+                print(f"\nexactness: passed: {verification.detail}, max relative error {verification.max_error:.1e}",
+                      file=out)
             else:
-                print(f"\nfxtile: exactness check failed: {verification.reason}", file=err)
+                print(f"\nfxtile: exactness check failed: {verification.detail}", file=err)
                 code = 1
     if args.json:
         plan = _plan_json(args, config, model, matches, memory, entries, verification)

@@ -38,11 +38,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from passes.rewrite import META_KEY, get_path
+from passes.trace import get_path
 
 from . import op
-from .api import _STATE, _TileState
-from .op import TiledRegion
+from .api import tiled_regions
+from .kernels.shards import shard_bounds
+from .region import TiledRegion
 
 __all__ = ["MlpMemory", "mlp_memory", "total_peak"]
 
@@ -127,16 +128,11 @@ def _replay(
     tensors = _region_tensors(owner, region, dtype)
     grads = [t.grad for t in tensors if t.grad is not None]
     x_dtype = dtype or next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-    x = torch.empty(tokens, region.hidden_size, device="meta", dtype=x_dtype, requires_grad=True)
-    shards = len(op.shard_bounds(tokens, int(region.shards_for(tokens))))  # the op's own clamping
-    inputs = sum(1 for n in op._TEMPLATES[region.template_id].template.graph.nodes if n.op == "placeholder")
-    if inputs != 1:
-        raise NotImplementedError(
-            f"{region.__name__} has {inputs} activation inputs; the estimate replays regions with one (the MLP input)"
-        )
+    x = torch.empty(tokens, region.region.hidden_size, device="meta", dtype=x_dtype, requires_grad=True)
+    shards = len(shard_bounds(tokens, int(region.shards_for(tokens))))  # the op's own clamping
 
     with _LiveBytes([x, *tensors, *grads]) as counter:  # untiled: the region under autograd
-        y = op._run(region.template_id, _training(region), [x], tensors)
+        y = region.region.run([x], tensors, _training(region))
         dy = torch.empty_like(y)
         out_bytes = 2 * y.untyped_storage().nbytes()  # the output and its incoming gradient
         kept_before = counter.live - out_bytes
@@ -158,13 +154,14 @@ def _replay_tiled(
     grads = [t.grad for t in tensors if t.grad is not None]
     needs = [True] + [weight_grads and t.requires_grad for t in tensors]
     with _LiveBytes([x_in, *t_in, *grads]) as counter, torch.no_grad():  # as in the op's kernel
-        y = op.forward_kernel([x_in], t_in, region.template_id, shards, _training(region))
+        y = op.forward_kernel(region.region, [x_in], t_in, shards, _training(region))
         dy = torch.empty_like(y)
         out_bytes = 2 * y.untyped_storage().nbytes()
         kept = counter.live - out_bytes  # the op saves its input and weights: nothing new
-        result = op.backward_kernel(dy, [x_in], t_in, region.template_id, shards, _training(region), None, needs)
+        no_rng = torch.empty(0, dtype=torch.uint8)
+        result = op.backward_kernel(region.region, dy, [x_in], t_in, shards, _training(region), no_rng, needs)
         for tensor, need, grad in zip(tensors, needs[1:], result[1:]):
-            if need:
+            if need and grad is not None:
                 tensor.grad.add_(grad)  # what AccumulateGrad does with the op's weight gradient
         del result, grad, y, dy
         return kept, counter.peak - out_bytes
@@ -172,18 +169,7 @@ def _replay_tiled(
 
 def _training(region: TiledRegion) -> list[bool]:
     """Every module of the region in train mode (the estimate is for training)."""
-    return [True] * len(op._TEMPLATES[region.template_id].moded)
-
-
-def _regions(module: nn.Module) -> list[tuple[tuple[str, ...], TiledRegion]]:
-    state: _TileState = module.__dict__[_STATE]
-    if state.graph_module is None:  # traced per call or an expert bank: no single graph to replay
-        return []
-    return [
-        (tuple(node.meta[META_KEY]["replaced"]), node.target)
-        for node in state.graph_module.graph.nodes
-        if node.op == "call_function" and isinstance(node.target, TiledRegion)
-    ]
+    return [True] * len(region.region.moded)
 
 
 def mlp_memory(model: nn.Module, tokens: int, dtype: Optional[torch.dtype] = None) -> list[MlpMemory]:
@@ -192,25 +178,26 @@ def mlp_memory(model: nn.Module, tokens: int, dtype: Optional[torch.dtype] = Non
     ``tokens`` is batch size times sequence length (the MLP sees every token as one row). ``dtype``
     is the training dtype of weights and activations (default: the model's own). Works on a model
     on any device, including ``meta``: only the regions' shapes are used. Layers of the same shape
-    are replayed once. Blocks traced per call signature and routed expert banks have no single graph
-    to replay and get no entry (the CLI shows them as "not estimated").
+    are replayed once. A block traced per call is replayed for its default call; routed expert banks
+    (three routed inputs) get no entry (the CLI shows them as "not estimated").
     """
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens must be a positive int (batch size x sequence length), got {tokens!r}")
     cache: dict[tuple, tuple[int, ...]] = {}
-    found, any_tiled = [], False
-    for path, module in model.named_modules():
-        if not isinstance(module.__dict__.get(_STATE), _TileState):
+    found = []
+    regions = tiled_regions(model)
+    for path, match, region in regions:
+        if len(region.region.inputs) != 1:  # an expert bank's three routed inputs: not replayed
             continue
-        any_tiled = True
-        for nodes, region in _regions(module):
-            template = op._TEMPLATES[region.template_id].template
-            tensors = [get_path(module, name) for name in region.tensor_paths]
-            key = (template.code, region.policy, tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors))
-            if key not in cache:
-                cache[key] = _replay(module, region, tokens, dtype)
-            found.append(MlpMemory(path, nodes, tokens, *cache[key]))
-    if not any_tiled:
+        owner = model.get_submodule(path)
+        tensors = [get_path(owner, name) for name in region.tensor_paths]
+        template = region.region.template
+        key = (getattr(template, "code", type(template).__name__), region.policy,
+               tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors))
+        if key not in cache:
+            cache[key] = _replay(owner, region, tokens, dtype)
+        found.append(MlpMemory(path, match.nodes, tokens, *cache[key]))
+    if not regions:
         raise ValueError(
             f"no tiled MLP in {type(model).__name__}: call fxtile.transform(model) first "
             "(fxtile.find(model).skipped says why a block was not tiled)"

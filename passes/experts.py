@@ -29,7 +29,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["ExpertsMatch", "experts_forward", "looks_like_experts", "match_experts"]
+from fxtile.modes import preserved_modes
+from fxtile.region import ProbeInput, Region
+
+from .region import meta_template
+from .trace import first_line, graph_module
+
+__all__ = ["ExpertsMatch", "bank_region", "experts_forward", "looks_like_experts", "match_experts"]
 
 _PROBE_ROWS = (3, 4)  # two uneven pieces of 7 probe rows
 
@@ -88,17 +94,14 @@ def _probe(module: nn.Module, names: tuple[str, ...], experts: int, hidden: int,
     x = torch.randn(rows, hidden, generator=gen).to(param.device, param.dtype)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(rows)]).to(param.device)
     weights = torch.rand(rows, top_k, generator=gen).to(param.device, param.dtype)
-    was_training = module.training
     try:
-        module.eval()
-        with torch.no_grad():
+        with preserved_modes(module), torch.no_grad():
+            module.eval()
             whole = module(x, ids, weights)
             lo = _PROBE_ROWS[0]
             parts = torch.cat([module(x[:lo], ids[:lo], weights[:lo]), module(x[lo:], ids[lo:], weights[lo:])])
     except Exception as exc:  # noqa: BLE001 - a bank that cannot run on routed rows is not tiled
-        return f"it did not run on {rows} routed rows ({type(exc).__name__}: {str(exc)[:120]})"
-    finally:
-        module.train(was_training)
+        return f"it did not run on {rows} routed rows ({first_line(exc, 120)})"
     if not isinstance(whole, torch.Tensor) or whole.shape != (rows, hidden):
         return f"on {rows} routed rows it returned {getattr(whole, 'shape', type(whole).__name__)}, not [{rows}, {hidden}]"
     scale = max(1.0, whole.abs().max().item())
@@ -138,6 +141,17 @@ def match_experts(module: nn.Module) -> ExpertsMatch | str | None:
     return reasons[0] if reasons else "its stacked parameters share no hidden width"
 
 
+def bank_region(module: nn.Module, match: ExpertsMatch, label: str) -> Region:
+    """The bank as a region: the whole module, on the meta device, run on row ranges of its three inputs."""
+    children = tuple(name for name, _ in module.named_children())  # they carry the train/eval mode
+    return Region(
+        meta_template(module, match.tensor_names), match.tensor_names, children,
+        tuple(type(module.get_submodule(c)) for c in children),
+        (ProbeInput(match.hidden_size), ProbeInput(2, high=match.num_experts), ProbeInput(2)),
+        match.hidden_size, match.intermediate_size, True, None, label,
+    )
+
+
 def experts_forward(module: nn.Module, match: ExpertsMatch, target: object) -> fx.GraphModule:
     """A forward for ``module`` that calls ``target((x, ids, weights), (children...), (bank tensors...))``.
 
@@ -150,4 +164,4 @@ def experts_forward(module: nn.Module, match: ExpertsMatch, target: object) -> f
     tensors = tuple(graph.get_attr(name) for name in match.tensor_names)
     graph.output(graph.call_function(target, (rows, modules, tensors)))
     graph.lint()
-    return fx.GraphModule(module, graph, type(module).__name__)
+    return graph_module(module, graph, type(module).__name__)

@@ -1,118 +1,135 @@
 """Trace a block per call signature, with the parts that do not trace kept as opaque leaves.
 
 Why: many layers hold their feed-forward compute inline (``fc2(act(fc1(h)))`` in a BART/OPT decoder
-layer's own ``forward``, or BERT's ``intermediate``/``output`` pair called from the layer) next to
-attention code that torch.fx cannot trace (caches, ``**kwargs``, optional inputs tested with
+layer's own ``forward``, BERT's ``intermediate``/``output`` pair called from the layer, the head and loss
+of a causal LM) next to code torch.fx cannot trace (caches, ``**kwargs``, optional inputs tested with
 ``is None``). Tracing such a layer is still sound if
 
-* the arguments that decide its control flow are *concrete*: every non-tensor argument (``None``,
-  flags, numbers, strings) is baked into the graph, and the graph is used only for calls whose
-  non-tensor arguments are the same (the *key* of a call); tensors, also inside tuples and lists
-  (``position_embeddings=(cos, sin)``), become placeholders;
+* the arguments that decide its control flow are *concrete*: non-tensor atoms (``None``, flags,
+  numbers, strings, dtypes) are baked into the graph, and the graph serves only calls whose atoms,
+  train/eval modes (of every module in the block) and grad mode are the same: the call's *key*;
+* tensors, also inside tuples and lists (``position_embeddings=(cos, sin)``), become inputs;
+* any other object (a transformers ``Cache``) becomes an input too, keyed by its **type**, provided it
+  only flows into opaque parts: its placeholder may only be passed to leaf modules (or returned). Its
+  proxy reports the object's class to ``isinstance``, so ``isinstance(cache, Cache)`` takes the branch
+  the real call takes; anything else the traced code does with it refuses the graph;
 * a submodule whose own code does not trace is called as one opaque node (a *leaf*): the tracer
   retries with the innermost failing submodule as a leaf, a few times at most.
 
-A call with an argument that is neither (a cache object, a dict) gets no graph: the caller falls back
-to the block's original forward. Nothing here decides what is tiled; ``passes.match`` does, on the
-graph this returns.
+The graph returns the call's output flattened with ``torch.utils._pytree`` (a transformers
+``ModelOutput`` is a pytree node), and the caller rebuilds it with the recorded spec. Nothing here
+decides what is tiled; ``passes.match`` does, on the graph this returns.
 """
 
 from __future__ import annotations
 
+import enum
 import inspect
+import types
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Collection, Hashable
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from .trace import LeafTracer
+from fxtile.modes import modes_of
 
-__all__ = ["CallSpec", "call_spec", "default_spec", "trace_call"]
+from .trace import LeafTracer, first_line, graph_module
+
+__all__ = ["CallSpec", "ROOT", "Traced", "bound_signature", "call_spec", "default_spec", "trace_call"]
 
 _MAX_LEAVES = 8
-_ATOMS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+_ATOMS = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
+ROOT = "inner"  # the traced block's path inside the root that calls it
 
 
 @dataclass(frozen=True)
 class CallSpec:
-    """How one call binds: a hashable ``key`` (the concrete part) and where its tensors go."""
+    """How one call binds: a hashable ``key`` and where its inputs (tensors and objects) go."""
 
     key: Hashable
     layout: tuple  # per bound argument: (name, kind, structure)
+    objects: tuple[tuple[int, type], ...]  # (input index, type) of every object input
 
 
-def _leaf_layout(value: Any, tensors: list) -> Any:
-    """Replace tensors in ``value`` (a tensor, atom, or tuple/list of those) by slots; None if unsupported."""
+def _leaf_layout(value: Any, inputs: list, objects: list) -> Any:
+    """Replace tensors and objects in ``value`` by slots; atoms stay as they are."""
     if isinstance(value, torch.Tensor):
-        tensors.append(value)
+        inputs.append(value)
         return ("T",)
     if isinstance(value, _ATOMS):
         return ("C", value)
-    if isinstance(value, (tuple, list)):
-        parts = [_leaf_layout(v, tensors) for v in value]
-        if any(p is None for p in parts):
-            return None
-        return ("S", type(value).__name__, tuple(parts))
-    return None
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return ("S", type(value).__name__, tuple(_leaf_layout(v, inputs, objects) for v in value))
+    objects.append((len(inputs), type(value)))
+    inputs.append(value)
+    return ("O", type(value))
 
 
-def call_spec(signature: inspect.Signature, training: bool, args: tuple, kwargs: dict) -> tuple[CallSpec, list] | None:
-    """The call's spec and its tensors in order, or None when an argument cannot be keyed."""
+def call_spec(signature: inspect.Signature, module: nn.Module, args: tuple, kwargs: dict) -> tuple[CallSpec, list] | str:
+    """The call's spec and its inputs in order, or why it cannot be keyed."""
     try:
         bound = signature.bind(*args, **kwargs)
-    except TypeError:
-        return None
+    except TypeError as exc:
+        return f"its arguments do not bind to {signature} ({exc})"
     bound.apply_defaults()
-    tensors: list = []
+    inputs: list = []
+    objects: list = []
     layout = []
+    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values())
     for name, value in bound.arguments.items():
         kind = signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
-            items = []
-            for key in sorted(value):
-                sub = _leaf_layout(value[key], tensors)
-                if sub is None:
-                    return None
-                items.append((key, sub))
-            layout.append((name, "**", tuple(items)))
+            items = tuple((key, _leaf_layout(value[key], inputs, objects)) for key in sorted(value))
+            layout.append((name, "**", items))
             continue
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            sub = _leaf_layout(tuple(value), tensors)
-        else:
-            sub = _leaf_layout(value, tensors)
-        if sub is None:
-            return None
+        sub = _leaf_layout(tuple(value) if kind is inspect.Parameter.VAR_POSITIONAL else value, inputs, objects)
         tag = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.POSITIONAL_ONLY: "/"}.get(kind, "")
+        if variadic and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            tag = "/"  # before a *args: only by position
         layout.append((name, tag, sub))
     layout_t = tuple(layout)
-    return CallSpec((training, layout_t), layout_t), tensors
+    try:
+        key = (modes_of(module), torch.is_grad_enabled(), layout_t)
+        hash(key)
+    except TypeError:
+        return "an argument holds an unhashable constant"
+    return CallSpec(key, layout_t, tuple(objects)), inputs
 
 
-def default_spec(module: nn.Module) -> tuple[CallSpec, list] | None:
-    """The spec of ``module(x, ...)``: a tensor for each required argument, every optional one at
-    its default (what ``fxtile.find`` reports before the block is ever called)."""
-    signature = inspect.signature(module.forward)
-    required = [p for p in signature.parameters.values() if p.default is inspect.Parameter.empty
+def bound_signature(module: nn.Module, forward: Callable | None = None) -> inspect.Signature:
+    """The signature of ``forward`` (the class's ``forward`` by default) bound to ``module``: no ``self``."""
+    return inspect.signature(types.MethodType(forward or type(module).forward, module))
+
+
+def default_spec(module: nn.Module, forward: Callable | None = None) -> tuple[CallSpec, list] | None:
+    """The spec of ``module(x, ...)``: a tensor for each required argument, every optional one at its
+    default, in the module's current modes with grad enabled (what ``fxtile.find`` reports)."""
+    signature = bound_signature(module, forward)
+    params = list(signature.parameters.values())
+    required = [p for p in params if p.default is inspect.Parameter.empty
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not required:
         return None
-    return call_spec(signature, module.training, tuple(torch.empty(0) for _ in required), {})
+    with torch.enable_grad():
+        found = call_spec(signature, module, tuple(torch.empty(0) for _ in required), {})
+    return None if isinstance(found, str) else found
 
 
-def _rebuild(sub: Any, tensors: list) -> Any:
+def _rebuild(sub: Any, pool: list) -> Any:
     tag = sub[0]
-    if tag == "T":
-        return tensors.pop(0)
+    if tag in ("T", "O"):
+        return pool.pop(0)
     if tag == "C":
         return sub[1]
-    values = [_rebuild(s, tensors) for s in sub[2]]
+    values = [_rebuild(s, pool) for s in sub[2]]
     return tuple(values) if sub[1] == "tuple" else list(values)
 
 
 def _count(sub: Any) -> int:
-    if sub[0] == "T":
+    if sub[0] in ("T", "O"):
         return 1
     if sub[0] == "C":
         return 0
@@ -120,16 +137,17 @@ def _count(sub: Any) -> int:
 
 
 class _Root(nn.Module):
-    """Calls ``inner``'s forward with the concrete arguments of one spec; its tensors are inputs."""
+    """Calls ``inner``'s forward with the concrete arguments of one spec; its inputs are placeholders."""
 
     def __init__(self, inner: nn.Module, forward: Callable, layout: tuple) -> None:
         super().__init__()
         self.inner = inner
         self._forward = forward
         self._layout = layout
+        self.out_spec: pytree.TreeSpec | None = None
 
-    def call(self, tensors: tuple) -> Any:
-        pool = list(tensors)
+    def call(self, values: tuple) -> Any:
+        pool = list(values)
         args, kwargs = [], {}
         for name, kind, sub in self._layout:
             if kind == "**":
@@ -140,25 +158,40 @@ class _Root(nn.Module):
                 args.append(_rebuild(sub, pool))
             else:
                 kwargs[name] = _rebuild(sub, pool)
-        return self._forward(self.inner, *args, **kwargs)
+        leaves, self.out_spec = pytree.tree_flatten(self._forward(self.inner, *args, **kwargs))
+        return leaves
 
 
 def _root_type(count: int) -> type:
     names = [f"t{i}" for i in range(count)]
     source = f"def forward(self{''.join(', ' + n for n in names)}):\n    return self.call(({''.join(n + ', ' for n in names)}))\n"
     namespace: dict = {}
-    exec(source, namespace)  # noqa: S102 - a fixed-arity forward, so fx makes one placeholder per tensor
+    exec(source, namespace)  # noqa: S102 - a fixed-arity forward, so fx makes one placeholder per input
     return type(f"_Root{count}", (_Root,), {"forward": namespace["forward"]})
 
 
+class _ObjectProxy(fx.Proxy):
+    """The proxy of an object input: ``isinstance`` sees the real object's class."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, cls: type) -> None:
+        super().__init__(node, tracer)
+        self.__dict__["_fxtile_cls"] = cls
+
+    @property
+    def __class__(self):  # noqa: D105 - what isinstance() consults after type()
+        return self.__dict__["_fxtile_cls"]
+
+
 class _LeafOnFailure(LeafTracer):
-    def __init__(self, leaves: set[str]) -> None:
-        super().__init__()
-        self.leaves = leaves
+    def __init__(self, leaves: Collection[nn.Module], objects: dict[str, type]) -> None:
+        super().__init__(leaves)
+        self.objects = objects
         self.failed: str | None = None
 
-    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return qualified_name in self.leaves or super().is_leaf_module(m, qualified_name)
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        if node.op == "placeholder" and node.target in self.objects:
+            return _ObjectProxy(node, self, self.objects[node.target])
+        return super().proxy(node)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -169,29 +202,55 @@ class _LeafOnFailure(LeafTracer):
             raise
 
 
-def trace_call(module: nn.Module, spec: CallSpec) -> fx.GraphModule | str:
-    """The graph of ``module`` called as ``spec`` says (inputs: its tensors in order), or why not."""
-    forward = type(module).forward
+@dataclass
+class Traced:
+    """A block's graph for one call spec: ``root`` holds it at ``ROOT``; ``out_spec`` rebuilds the output."""
+
+    graph_module: fx.GraphModule
+    root: nn.Module
+    out_spec: pytree.TreeSpec
+    leaves: frozenset[nn.Module]  # the modules kept opaque (given, plus those that failed to trace)
+
+
+def _objects_stay_opaque(gm: fx.GraphModule, objects: dict[str, type]) -> str | None:
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.target not in objects:
+            continue
+        used = [u for u in node.users if u.op not in ("call_module", "output")]
+        if used:
+            return (f"its {objects[node.target].__name__} argument is used by traced code ({used[0].format_node()}), "
+                    "not only passed to opaque submodules")
+    return None
+
+
+def trace_call(
+    module: nn.Module, spec: CallSpec, leaves: Collection[nn.Module] = (), forward: Callable | None = None
+) -> Traced | str:
+    """The graph of ``module`` called as ``spec`` says (inputs: its tensors and objects in order), or why not."""
+    forward = forward or type(module).forward
     count = sum(_count(sub) if kind != "**" else sum(_count(s) for _, s in sub) for _, kind, sub in spec.layout)
     root = _root_type(count)(module, forward, spec.layout)
-    leaves: set[str] = set()
-    modes = {m: m.training for m in module.modules()}
+    objects = {f"t{index}": cls for index, cls in spec.objects}
+    kept = set(leaves)
     reason = "not traced"
-    try:
-        module.train(spec.key[0])
-        for _ in range(_MAX_LEAVES + 1):
-            tracer = _LeafOnFailure(leaves)
-            try:
-                graph = tracer.trace(root)
-            except Exception as exc:  # noqa: BLE001 - retried with a leaf, or reported
-                reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
-                failed = tracer.failed
-                if failed is None or failed in ("", "inner") or failed in leaves:
-                    return f"could not be traced by torch.fx: {reason}"
-                leaves.add(failed)
-                continue
-            return fx.GraphModule(root, graph, type(module).__name__)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    for _ in range(_MAX_LEAVES + 1):
+        tracer = _LeafOnFailure(kept, objects)
+        try:
+            graph = tracer.trace(root)
+        except Exception as exc:  # noqa: BLE001 - retried with a leaf, or reported
+            reason = first_line(exc, 160)
+            failed = tracer.failed
+            if failed is None or failed in ("", ROOT):
+                return f"could not be traced by torch.fx: {reason}"
+            sub = root.get_submodule(failed)
+            if sub in kept:
+                return f"could not be traced by torch.fx: {reason}"
+            kept.add(sub)
+            continue
+        gm = graph_module(root, graph, type(module).__name__)
+        refused = _objects_stay_opaque(gm, objects)
+        if refused is not None:
+            return refused
+        assert root.out_spec is not None
+        return Traced(gm, root, root.out_spec, frozenset(kept))
     return f"could not be traced by torch.fx with {_MAX_LEAVES} opaque submodules: {reason}"

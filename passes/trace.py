@@ -1,10 +1,16 @@
-"""Step 1 of 3: trace a sub-block into an fx graph that the matcher can read.
+"""Step 1: trace a block into an fx graph that the matcher can read.
 
 Why a custom tracer: the matcher reasons about *projections*, so anything that behaves as a linear
 layer must stay one node (``call_module``) instead of dissolving into ``F.linear`` plus adapter
 arithmetic. That keeps PEFT LoRA layers (which do not trace symbolically at all) and transformers'
 ``Conv1D`` (GPT-2) visible as single projections. Everything else is traced through, so custom
 activation modules become the element-wise ops they are made of.
+
+Some modules must stay opaque (*leaves*) whatever they are: a module ``filter_fn`` excluded (it is
+never tiled, not even as part of an ancestor's graph), a module that already holds a tiled region, and
+every traced-through child that holds no region node (:func:`outside_modules`): fx fires a traced-through
+module's hooks once, at trace time, on Proxies, and never again, so a block whose graph keeps such a
+child as a leaf calls it, and its hooks, as before.
 
 Tracing happens per sub-block, never per model: whole transformers decoder layers do not trace with
 ``torch.fx`` (cache objects, data-dependent control flow), their MLPs do.
@@ -13,12 +19,19 @@ Tracing happens per sub-block, never per model: whole transformers decoder layer
 from __future__ import annotations
 
 import inspect
+import linecache
+import weakref
 from dataclasses import dataclass
+from typing import Collection, Iterable
 
 import torch.fx as fx
+import torch.fx.graph_module
 from torch import nn
 
-__all__ = ["LeafTracer", "conv1d_type", "TraceResult", "is_linear_like", "linear_dims", "trace"]
+from fxtile.modes import preserved_modes
+
+__all__ = ["LeafTracer", "TraceResult", "conv1d_type", "first_line", "forget_source_when_freed", "get_path", "graph_module", "is_linear_like", "linear_dims",
+           "module_stack", "outside_modules", "trace"]
 
 
 def conv1d_type() -> type | None:
@@ -35,7 +48,7 @@ def is_linear_like(module: nn.Module) -> bool:
 
     ``nn.Linear`` and its subclasses, transformers' ``Conv1D`` (weight stored transposed), and any
     wrapper exposing a linear-like ``base_layer`` (PEFT LoRA and friends, whose extra low-rank branch
-    is also token-wise).
+    is also token-wise). A subclass whose forward is not token-wise is caught by the self-check.
     """
     if isinstance(module, nn.Linear):
         return True
@@ -57,11 +70,49 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return int(weight.shape[0]), int(weight.shape[1])
 
 
+def get_path(root: nn.Module, path: str):
+    """The attribute at a dotted path (``gate_proj.weight``): a tensor, or a module for a module path."""
+    owner, _, name = path.rpartition(".")
+    return getattr(root.get_submodule(owner), name)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``: how every refusal names an exception."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:limit]}"
+
+
+def _forget(key: str) -> None:
+    linecache.cache.pop(key, None)
+    loader = getattr(torch.fx.graph_module, "_loader", None)
+    if loader is not None:
+        loader.eval_cache.pop(key, None)
+
+
+def forget_source_when_freed(gm: fx.GraphModule) -> fx.GraphModule:
+    """Why: torch.fx keeps the generated source of every ``GraphModule`` it compiles (each recompile)
+    in a process-wide cache that nothing empties (``torch.fx.graph_module._loader`` and ``linecache``),
+    so a sweep or a notebook that tiles and restores models again and again would grow without bound.
+    Drop the entry of ``gm``'s current code when ``gm`` is freed. Call after every (re)compile."""
+    code = getattr(type(gm).forward, "__code__", None)
+    if code is not None and code.co_filename.startswith("<eval_with_key>"):
+        weakref.finalize(gm, _forget, code.co_filename)
+    return gm
+
+
+def graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, name)`` whose source entry goes with it."""
+    return forget_source_when_freed(fx.GraphModule(root, graph, name))
+
+
 class LeafTracer(fx.Tracer):
-    """``fx.Tracer`` that keeps linear-like modules (and torch.nn's own modules) as leaves."""
+    """``fx.Tracer`` that keeps linear-like modules, torch.nn's own modules and ``leaves`` as leaves."""
+
+    def __init__(self, leaves: Collection[nn.Module] = ()) -> None:
+        super().__init__()
+        self.leaves = {id(m) for m in leaves}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_linear_like(m) or super().is_leaf_module(m, module_qualified_name)
+        return id(m) in self.leaves or is_linear_like(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass(frozen=True)
@@ -90,39 +141,66 @@ def _concrete_args(module: nn.Module) -> dict[str, object] | None:
     return fixed or None
 
 
-def trace(module: nn.Module) -> TraceResult:
+def trace(module: nn.Module, leaves: Collection[nn.Module] = ()) -> TraceResult:
     """Trace ``module.forward`` with :class:`LeafTracer`; never raises for untraceable code.
 
     Every required argument becomes a placeholder (``BloomMLP.forward(hidden, residual)``); optional
     arguments are fixed to their defaults, so the rewritten forward accepts the required ones only.
+    A graph that depends on ``self.training`` (fx bakes it in) is refused: one graph must serve both modes.
     """
     params = list(inspect.signature(module.forward).parameters.values())
     required = [p for p in params if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not required:
         return TraceResult(None, "forward takes no required argument; fxtile traces blocks called with their input")
-    first = _trace_once(module)
+    first = _trace_once(module, leaves)
     if isinstance(first, str):
         return TraceResult(None, first)
-    modes = {m: m.training for m in module.modules()}
-    try:  # fx bakes `self.training` into the graph: a mode-dependent trace cannot serve both modes
-        module.train(not module.training)
-        other = _trace_once(module)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    if isinstance(other, str) or other.code != first.code:
+    with preserved_modes(module):
+        for m in module.modules():
+            m.training = not m.training
+        other = _trace_once(module, leaves)
+    if isinstance(other, str) or _code(other) != _code(first):
         return TraceResult(
             None, "its traced code depends on self.training (e.g. F.dropout(..., training=self.training)), "
-            "so one graph cannot serve both train and eval mode; use nn.Dropout modules instead"
+            "so one graph cannot serve both train and eval mode"
         )
-    return TraceResult(first)
+    return TraceResult(graph_module(first[0], first[1], module.__class__.__name__))
 
 
-def _trace_once(module: nn.Module) -> fx.GraphModule | str:
-    tracer = LeafTracer()
+def _code(traced: tuple[nn.Module, fx.Graph]) -> str:
+    return traced[1].python_code(root_module="self").src
+
+
+def _trace_once(module: nn.Module, leaves: Collection[nn.Module]) -> tuple[nn.Module, fx.Graph] | str:
+    tracer = LeafTracer(leaves)
     try:
         graph = tracer.trace(module, concrete_args=_concrete_args(module))
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported, not raised
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        return f"could not be traced by torch.fx: {type(exc).__name__}: {first_line[:200]}"
-    return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+        return f"could not be traced by torch.fx: {first_line(exc)}"
+    return tracer.root, graph
+
+
+def module_stack(node: fx.Node) -> list[str]:
+    """The paths of the modules ``node`` was traced inside, outermost first (fx's ``nn_module_stack``
+    keys can carry a call count, ``dropout@1``; its values hold the paths)."""
+    return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def outside_modules(
+    root: nn.Module, gm: fx.GraphModule, region_nodes: Iterable[fx.Node], prefix: str = ""
+) -> list[nn.Module]:
+    """The outermost modules of ``root`` that ``gm`` was traced *through* and that hold no region node
+    (so they can be leaves). ``prefix``: the traced block's path inside ``root`` ("" for ``root`` itself).
+    """
+    holding: set[str] = set()
+    for node in region_nodes:
+        paths = module_stack(node) + ([str(node.target)] if node.op == "call_module" else [])
+        for path in paths:
+            parts = path.split(".")
+            holding.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    leaf_calls = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    through = {p for n in gm.graph.nodes for p in module_stack(n)} - leaf_calls
+    through = {p for p in through if p.startswith(prefix + ".")} if prefix else through
+    outside = sorted(p for p in through if p not in holding)
+    top = [p for p in outside if not any(p.startswith(q + ".") for q in outside)]
+    return [root.get_submodule(p) for p in top]

@@ -1,10 +1,12 @@
 """Coverage sweep: tile every causal LM that the installed transformers registers, with no registry.
 
 Run ``python tests/coverage_sweep.py`` to print the table (``--help`` for options). For each entry of
-``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` it builds the model from its own config class with tiny sizes
-(composite configs: every sub-config is shrunk; MoE and MLA fields too), tiles a deep copy with
-``fxtile.transform(copy, shards=4)``, and on a batch of 2 x 7 tokens compares the logits (plus the MoE
-aux loss where the model has one) and every parameter's gradient with the untouched model.
+``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` it runs :func:`fxtile.tiny.verify` (what ``fxtile convert`` runs
+too): the model built from its own config class with tiny sizes (composite configs: every sub-config is
+shrunk; MoE and MLA fields too), a deep copy tiled with ``fxtile.transform(copy, shards=4)``, and one
+training call as users make it (``model.train()``, the config's defaults, ``model(input_ids=ids,
+labels=ids)`` on 2 x 7 tokens), comparing the loss, the logits, the MoE aux loss and every parameter's
+gradient with the untouched model, and requiring that every tiled block really ran tiled in that call.
 
 The coverage oracle does not come from fxtile's matcher. A decoder layer counts as tiled when the
 tiled regions read every parameter of that layer that belongs to its feed-forward compute, which the
@@ -18,7 +20,6 @@ once, with an address-space cap and a timeout, at most ``--workers`` at a time.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -39,44 +40,12 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: 
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 import fxtile  # noqa: E402
+from fxtile import testing, tiny  # noqa: E402
+from fxtile.tiny import EXPERTS, FFN_WIDTHS, HIDDEN  # noqa: E402
 
-__all__ = ["Result", "architectures", "check", "format_table", "sweep", "tiny_config"]
+__all__ = ["Result", "architectures", "check", "default_config", "format_table", "sweep"]
 
-SHARDS = 4
-BATCH, SEQ = 2, 7  # odd length: 14 rows in shards of 3, 3, 4, 4
-VOCAB = 100
-HIDDEN = 32
-# Feed-forward widths, all distinct from every attention width (32 = 4 heads x 8, 16 = 2 kv heads x 8).
-FFN_WIDTHS = {"intermediate_size": 72, "moe_intermediate_size": 40, "shared_expert_intermediate_size": 56}
-EXPERTS = 4
-RTOL, ATOL = 1e-4, 1e-5  # fp32; ATOL is scaled by each tensor's magnitude (see _compare)
-
-# Tiny values by config field name (set only where the config class has the field).
-_TINY = {
-    "hidden_size": HIDDEN, "n_embd": HIDDEN, "d_model": HIDDEN, "dim": HIDDEN, "embed_dim": HIDDEN,
-    "model_dim": HIDDEN, "word_embed_proj_dim": HIDDEN, "hidden_dim": HIDDEN,
-    "intermediate_size": FFN_WIDTHS["intermediate_size"], "n_inner": FFN_WIDTHS["intermediate_size"],
-    "ffn_dim": FFN_WIDTHS["intermediate_size"], "d_ff": FFN_WIDTHS["intermediate_size"],
-    "ffn_hidden_size": FFN_WIDTHS["intermediate_size"], "inner_hidden_size": FFN_WIDTHS["intermediate_size"],
-    "moe_intermediate_size": FFN_WIDTHS["moe_intermediate_size"], "expert_intermediate_size": FFN_WIDTHS["moe_intermediate_size"],
-    "shared_expert_intermediate_size": FFN_WIDTHS["shared_expert_intermediate_size"],
-    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "decoder_layers": 2,
-    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4, "decoder_attention_heads": 4,
-    "num_key_value_heads": 2, "n_kv_heads": 2, "num_kv_heads": 2, "multi_query_group_num": 2,
-    "head_dim": 8, "kv_channels": 8, "attention_head_dim": 8,
-    "vocab_size": VOCAB, "max_position_embeddings": 64, "n_positions": 64, "max_seq_len": 64, "seq_length": 64,
-    # MoE: 4 experts, top-2, one shared expert, a dense first layer then MoE
-    "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS, "moe_num_experts": EXPERTS, "num_experts_per_tok": 2,
-    "moe_topk": 2, "top_k": 2, "moe_k": 2, "num_experts_per_token": 2, "moe_num_shared_experts": 1,
-    "zero_expert_num": 2, "expert_ffn_hidden_size": FFN_WIDTHS["moe_intermediate_size"],
-    "n_shared_experts": 1, "num_shared_experts": 1, "first_k_dense_replace": 1,
-    "n_group": 1, "topk_group": 1, "decoder_sparse_step": 1,
-    # MLA
-    # state-space mixers: widths consistent with 4 heads x 8
-    "expand": 1, "mamba_expand": 1, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_ssm": 32,
-    "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
-    "num_nextn_predict_layers": 0, "index_head_dim": 8, "index_n_heads": 2, "index_topk": 4, "rotary_dim": 8, "vocab_size_per_layer_input": VOCAB,
-}
+SHARDS = tiny.SHARDS
 
 
 def architectures() -> dict[str, str]:
@@ -84,62 +53,19 @@ def architectures() -> dict[str, str]:
     return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def _shrink(values: dict, default_layers: Optional[int]) -> dict:
-    out = {}
-    for key, value in values.items():
-        if key in _TINY and isinstance(value, int) and not isinstance(value, bool):
-            out[key] = _TINY[key]
-        elif key in ("head_dim", "num_key_value_heads", "num_experts_per_tok") and value is None:
-            out[key] = _TINY[key]  # derived from other fields when unset; set it to keep the sizes consistent
-        elif "dropout" in key or "pdrop" in key:
-            out[key] = 0.0 if isinstance(value, float) else value
-        elif isinstance(value, list) and default_layers and len(value) == default_layers and default_layers > 2:
-            other = next((v for v in value if v != value[0]), value[-1])
-            out[key] = [value[0], other]  # per-layer lists (layer_types, ...): the first kind and another one
-        elif key == "hybrid_layer_ids" and isinstance(value, list):
-            out[key] = [1]  # Zamba2: the shared transformer block (with the MLP) on the second layer
-        elif isinstance(value, dict) and "model_type" in value:
-            out[key] = _shrink(value, _layers(value))
-        elif key.endswith("token_id") and isinstance(value, int) and value >= VOCAB:
-            out[key] = VOCAB - 1
-    if "kv_lora_rank" in values and "num_key_value_heads" in out:
-        out["num_key_value_heads"] = out.get("num_attention_heads", 4)  # MLA: one latent KV per head
-    if "output_router_logits" in values:
-        out["output_router_logits"] = True  # the aux loss joins the checked output: router grads must survive
-    return out
-
-
-def _layers(values: dict) -> Optional[int]:
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"):
-        if isinstance(values.get(key), int):
-            return values[key]
-    return None
-
-
-def tiny_config(model_type: str):
-    """The config class's defaults with every size field shrunk (sub-configs too).
-
-    The class is the causal-LM class's own ``config_class`` where it differs from the registered one
-    (``Llama4ForCausalLM`` takes ``Llama4TextConfig``, not ``Llama4Config``). A config whose validation
-    refuses top-2 routing is built with top-1.
-    """
+def default_config(model_type: str):
+    """The causal-LM class's own config class (``Llama4ForCausalLM`` takes ``Llama4TextConfig``, not the
+    registered ``Llama4Config``) at its defaults (``fxtile.tiny.verify`` shrinks it)."""
     model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
     cls = getattr(model_cls, "config_class", None) or CONFIG_MAPPING[model_type]
-    default = cls().to_dict()
-    kwargs = _shrink(default, _layers(default))
-    try:
-        return cls(**kwargs)
-    except Exception as exc:  # noqa: BLE001
-        if "num_experts_per_tok" not in str(exc) or "num_experts_per_tok" not in kwargs:
-            raise
-        return cls(**{**kwargs, "num_experts_per_tok": 1})
+    return cls()
 
 
 def ffn_widths(config) -> set[int]:
     """The feed-forward widths of the built config (what the sweep calls feed-forward parameters)."""
     text = config.get_text_config()
     widths = set()
-    for key in _TINY:
+    for key in tiny.TINY:
         if key in FFN_WIDTHS.keys() | {"n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "inner_hidden_size", "expert_ffn_hidden_size",
                                         "expert_intermediate_size"}:
             value = getattr(text, key, None)
@@ -152,7 +78,7 @@ def ffn_widths(config) -> set[int]:
 class Result:
     arch: str
     cls: str
-    status: str  # tiled | partial | untiled | no-ffn | mismatch | build-failed | run-failed | transform-failed | crashed | timeout
+    status: str  # tiled | partial | untiled | no-ffn | mismatch | untiled-call | build-failed | run-failed | transform-failed | crashed | timeout
     layers: int = 0
     tiled_layers: int = 0
     patterns: list = field(default_factory=list)  # per decoder layer: sorted patterns found in it
@@ -161,41 +87,17 @@ class Result:
     seconds: float = 0.0
 
 
-def _decoder_layers(model) -> list:
-    """The ModuleList holding the most parameters (the decoder stack, whatever it is called)."""
-    best, best_size = None, -1
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) >= 1:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = module, size
-    return list(best) if best is not None else []
-
-
-def _tiled_tensors(model) -> tuple[set[int], dict[int, list[str]]]:
-    """ids of every tensor read by a tiled region, and the patterns tiled inside each module (by id)."""
-    read, patterns = set(), {}
-    for module in model.modules():
-        state = module.__dict__.get("_fxtile")
-        if state is None:
-            continue
-        spec = state.specialized
-        graphs = [g for g in spec.cache.values() if g is not None] if spec is not None else [state.graph_module]
-        for gm in graphs:  # a block traced per call: the graphs of the calls made so far
-            root = gm if spec is not None else module
-            for node in gm.graph.nodes:
-                if isinstance(node.target, fxtile.op.TiledRegion):
-                    read.update(id(root.get_parameter(p)) for p in node.target.tensor_paths if _is_param(root, p))
-        patterns[id(module)] = [m.pattern for m in state.matches]
-    return read, patterns
-
-
-def _is_param(module, path: str) -> bool:
-    try:
-        module.get_parameter(path)
-        return True
-    except AttributeError:
-        return False
+def _decoder_layers(model, ran: set[str] | None = None) -> list:
+    """The ModuleList holding the most parameters (the decoder stack, whatever it is called); with
+    ``ran`` (paths of tiled blocks that ran in the call), the largest one holding such a block, so a
+    vision or audio tower that a text call never runs is not taken for the decoder."""
+    names = {id(m): p for p, m in model.named_modules()}
+    lists = sorted((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) >= 1),
+                   key=lambda m: -sum(p.numel() for p in m.parameters()))
+    if ran is not None:
+        used = [m for m in lists if any(r.startswith(names[id(m)] + ".") for r in ran)]
+        lists = used or lists
+    return list(lists[0]) if lists else []
 
 
 def _ffn_parameters(layer, widths: set[int]) -> list:
@@ -212,10 +114,15 @@ def _ffn_parameters(layer, widths: set[int]) -> list:
 
 def _layer_coverage(model, layers: list, widths: set[int]) -> tuple[int, int, list, str]:
     """(layers tiled, layers without feed-forward parameters, patterns per layer, what is missing)."""
-    read, patterns = _tiled_tensors(model)
+    read = {id(t) for t in testing.tiled_tensors(model)}
+    tiled_paths: dict[str, list[str]] = {}
+    for m in fxtile.find(model):
+        if m.tiled:
+            tiled_paths.setdefault(m.path, []).append(m.pattern)
+    names = {id(mod): path for path, mod in model.named_modules()}
     tiled, no_ffn, per_layer, missing_all = 0, 0, [], []
     for index, layer in enumerate(layers):
-        found = sorted(p for m in layer.modules() for p in patterns.get(id(m), []))
+        found = sorted(p for mod in layer.modules() for p in tiled_paths.get(names[id(mod)], []))
         per_layer.append(found)
         ffn = _ffn_parameters(layer, widths)
         missing = [n for n, p in ffn if id(p) not in read]
@@ -230,97 +137,43 @@ def _layer_coverage(model, layers: list, widths: set[int]) -> tuple[int, int, li
     return tiled, no_ffn, per_layer, "; ".join(missing_all)
 
 
-def _inputs(model):
-    gen = torch.Generator().manual_seed(1)
-    return torch.randint(3, VOCAB, (BATCH, SEQ), generator=gen)
-
-
-def _loss_terms(out) -> list:
-    terms = [out.logits]
-    aux = getattr(out, "aux_loss", None)
-    if isinstance(aux, torch.Tensor) and aux.requires_grad:
-        terms.append(aux.reshape(1))
-    return terms
-
-
-def _forward_backward(model, ids):
-    out = model(input_ids=ids, use_cache=False)
-    terms = _loss_terms(out)
-    gen = torch.Generator().manual_seed(2)
-    loss = sum((t.float() * torch.randn(t.shape, generator=gen)).sum() for t in terms)
-    loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    return [t.detach() for t in terms], grads
-
-
-def _compare(ref: torch.Tensor, got: torch.Tensor) -> tuple[bool, float]:
-    """allclose with ATOL scaled by the tensor's magnitude; returns (ok, max abs error / magnitude)."""
-    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
-    err = (got - ref).abs().max().item() if ref.numel() else 0.0
-    ok = torch.allclose(got, ref, rtol=RTOL, atol=ATOL * scale)
-    return ok, err / scale
-
-
 def check(model_type: str) -> Result:
-    """Build, tile and compare one architecture (meant to run in its own process)."""
+    """Verify one architecture with :func:`fxtile.tiny.verify` (a default training call, meant to run in
+    its own process), then check with the shape oracle that every decoder layer's feed-forward was tiled."""
     start = time.time()
     cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
     result = Result(model_type, cls_name, "build-failed")
     try:
-        config = tiny_config(model_type)
-        torch.manual_seed(0)
-        model = getattr(transformers, cls_name)(config).float().eval()
+        config = default_config(model_type)
     except Exception as exc:  # noqa: BLE001 - the reason is the result
         result.detail = _reason(exc)
         return _done(result, start)
-    layers = _decoder_layers(model)
+    found = tiny.verify(config, shards=SHARDS, cls=getattr(transformers, cls_name), keep_model=True)
+    result.max_error, result.detail = found.max_error, found.detail
+    if found.status in ("build-failed", "run-failed", "transform-failed", "mismatch", "untiled-call"):
+        result.status = found.status
+        return _done(result, start)
+    model = found.model
+    small = model.config
+    ran = {p for p, _ in model.named_modules() if p not in found.idle} & {m.path for m in fxtile.find(model) if m.tiled}
+    layers = _decoder_layers(model, ran)
     result.layers = len(layers)
-    ids = _inputs(model)
-    try:
-        ref_terms, ref_grads = _forward_backward(model, ids)
-    except Exception as exc:  # noqa: BLE001
-        result.status, result.detail = "run-failed", _reason(exc)
+    names = {id(m): p for p, m in model.named_modules()}
+    idle_layers = [p for p in found.idle if any(p == names[id(layer)] or p.startswith(names[id(layer)] + ".")
+                                                 for layer in layers)]
+    if idle_layers:
+        result.status = "untiled-call"
+        result.detail = f"{idle_layers[0]} did not run tiled in the training call"
         return _done(result, start)
-    model.zero_grad(set_to_none=True)
-    try:
-        try:
-            tiled = copy.deepcopy(model)
-        except RuntimeError:  # a model holding non-leaf tensors cannot be deep-copied: build it again
-            torch.manual_seed(0)
-            tiled = getattr(transformers, cls_name)(config).float().eval()
-            tiled.load_state_dict(model.state_dict())
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fxtile.transform(tiled, shards=SHARDS)
-        got_terms, got_grads = _forward_backward(tiled, ids)
-    except Exception as exc:  # noqa: BLE001
-        result.status, result.detail = "transform-failed", _reason(exc, tb=True)
-        return _done(result, start)
-    result.tiled_layers, no_ffn, result.patterns, missing = _layer_coverage(tiled, _decoder_layers(tiled), ffn_widths(config))
-    worst, bad = 0.0, []
-    for i, (a, b) in enumerate(zip(ref_terms, got_terms)):
-        ok, err = _compare(a, b)
-        worst = max(worst, err)
-        if not ok:
-            bad.append("logits" if i == 0 else "aux_loss")
-    for name, g in ref_grads.items():
-        h = got_grads[name]
-        if (g is None) != (h is None):
-            bad.append(f"grad of {name} {'lost' if h is None else 'appeared'}")
-            continue
-        if g is not None:
-            ok, err = _compare(g, h)
-            worst = max(worst, err)
-            if not ok:
-                bad.append(f"grad of {name}")
-    result.max_error = worst
-    skipped = fxtile.find(tiled).skipped
-    if bad:
-        result.status, result.detail = "mismatch", ", ".join(bad[:5])
-    elif result.layers and no_ffn == result.layers:
+    result.tiled_layers, no_ffn, result.patterns, missing = _layer_coverage(model, layers, ffn_widths(small))
+    skipped = fxtile.find(model).skipped
+    result.detail = ""
+    if result.layers and no_ffn == result.layers:
         result.status, result.detail = "no-ffn", "no decoder layer has feed-forward parameters (sequence mixers only)"
+    elif found.status == "no-mlp":
+        result.status = "untiled"
+        why = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:2])
+        result.detail = missing + (f" | skipped {why}" if why else "")
     elif result.layers and result.tiled_layers + no_ffn == result.layers:
         result.status = "tiled"
         if no_ffn:

@@ -83,3 +83,31 @@ def tiled_copy(model: nn.Module, shards: object = 3, **kwargs) -> nn.Module:
     tiled_matches = [m for m in fxtile.find(tiled) if m.tiled]
     assert tiled_matches, "at least one MLP must be tiled to actually perform the test"
     return tiled
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def profiled_matmuls(fn) -> list[tuple[str, list, list]]:
+    """(name, input shapes, input dtypes) of every matmul kernel ``fn()`` runs, in order, seen by the
+    profiler (it sees inside the tiled custom op, where a TorchDispatchMode does not)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm")),
+                    key=lambda e: e.time_range.start)
+    return [(e.name, e.input_shapes, e.input_dtypes if hasattr(e, "input_dtypes") else []) for e in events]
+
+
+def ran_tiled(model, step) -> tuple[int, int]:
+    """(forward shards, recomputed shards) the op ran for ``model``'s tiled blocks during ``step()``."""
+    from fxtile import testing
+
+    before = testing.shard_counts(model)
+    step()
+    after = testing.shard_counts(model)
+    zero = testing.ShardCount(0, 0, 0, 0)
+    fwd = sum(c.forward_shards - before.get(p, zero).forward_shards for p, c in after.items())
+    bwd = sum(c.backward_shards - before.get(p, zero).backward_shards for p, c in after.items())
+    return fwd, bwd

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import fxtile
-import fxtile.op as op
-from fxtile.cli import main, shrink_config
+import fxtile.kernels.shards
+from fxtile.cli import main
 from fxtile.estimate import mlp_memory, total_peak
+from fxtile.tiny import shrink_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -125,7 +126,7 @@ def test_nothing_to_tile_exits_1_and_says_why(capsys, tmp_path):
 
 def test_a_failing_exactness_check_exits_1(capsys, monkeypatch):
     # a broken op: the last row of every call is never computed
-    monkeypatch.setattr(op, "shard_bounds", lambda rows, shards: [(0, rows // 2), (rows // 2, rows - 1)])
+    monkeypatch.setattr(fxtile.kernels.shards, "shard_bounds", lambda rows, shards: [(0, rows // 2), (rows // 2, rows - 1)])
     code, out, err = run(capsys, "convert", "llama", "--seq-len", "4096")
     assert code == 1 and "exactness check failed" in err and "differ" in err
 
@@ -142,8 +143,9 @@ def test_shrink_keeps_the_architecture_and_attention_layout():
     import transformers as T
 
     small = shrink_config(T.AutoConfig.for_model("llama", num_key_value_heads=8))
-    assert type(small) is T.LlamaConfig and small.num_hidden_layers == 2 and small.hidden_size == 64
+    assert type(small) is T.LlamaConfig and small.num_hidden_layers == 2 and small.hidden_size == 32
     assert small.num_key_value_heads == 2 and small.num_attention_heads == 4  # GQA stays GQA
+    assert shrink_config(T.AutoConfig.for_model("llama")).num_key_value_heads == 4  # MHA stays MHA
     deepseek = shrink_config(T.AutoConfig.for_model("deepseek_v3"))
     assert deepseek.first_k_dense_replace == 1 and deepseek.qk_head_dim == 16  # one dense and one MoE layer
 

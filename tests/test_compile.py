@@ -70,7 +70,8 @@ def test_compiled_backward_keeps_no_full_sequence_intermediate():
     tiled = _saved_bytes(torch.compile(fxtile.transform(copy.deepcopy(mlp), shards=8), fullgraph=True), x)
     intermediate = tokens * inter * 4  # one full-sequence [tokens, intermediate] fp32 tensor
     assert untiled >= intermediate, "the untiled compiled graph saves full-sequence intermediates"
-    assert tiled <= tokens * hidden * 4, f"tiled compiled graph saved {tiled} bytes: more than its input"
+    generator_state = torch.get_rng_state().numel()  # the op keeps it to replay random draws in its recompute
+    assert tiled <= tokens * hidden * 4 + generator_state, f"tiled compiled graph saved {tiled} bytes: more than its input"
 
 
 def test_dynamic_sequence_lengths_compile_once():

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import fxtile
 import modules as M
-from helpers import assert_same_outputs_and_grads, tiled_copy, tiny_causal_lm
+from fxtile.kernels.shards import shard_bounds
+from helpers import assert_same_outputs_and_grads, profiled_matmuls, ran_tiled, tiled_copy, tiny_causal_lm
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2"]
 EXPECTED_PATTERN = {"phi3": "gated_fused", "gpt2": "plain"}
@@ -96,18 +97,13 @@ def test_frozen_weights_get_no_grad_and_the_input_still_does():
     assert tiled.wa.weight.grad is None
 
 
-def test_no_grad_inference_runs_forward_shards_only(monkeypatch):
+def test_no_grad_inference_runs_forward_shards_only():
     model = M.Odd()
     tiled = tiled_copy(model, shards=3)
-    calls = []
-    import fxtile.op as op
-
-    real = op._run
-    monkeypatch.setattr(op, "_run", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 7, 12)
     with torch.no_grad():
-        torch.testing.assert_close(tiled(x), model(x), rtol=0, atol=1e-6)
-    assert len(calls) == 3, "three forward shards and no recompute"
+        forward, recomputed = ran_tiled(tiled, lambda: torch.testing.assert_close(tiled(x), model(x), rtol=0, atol=1e-6))
+    assert (forward, recomputed) == (3, 0), "three forward shards and no recompute"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -132,7 +128,7 @@ def test_low_precision_grads_are_as_close_to_fp64_as_the_untiled_module(dtype):
 
 
 @pytest.mark.parametrize("cls", [M.Odd, M.Functional], ids=["generic_kernel", "fast_path_region"])
-def test_autocast_recompute_runs_under_the_forwards_autocast_state(cls, monkeypatch):
+def test_autocast_recompute_runs_under_the_forwards_autocast_state(cls):
     """Reference: the same shards through the untouched module under autocast with autograd kept. A
     recompute outside autocast (fp32 matmuls) would give gradients of a different function."""
     torch.manual_seed(0)
@@ -142,15 +138,12 @@ def test_autocast_recompute_runs_under_the_forwards_autocast_state(cls, monkeypa
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiled(x)
     assert out.dtype == torch.bfloat16
-    states = []
-    real_run = fxtile.op._run
-    monkeypatch.setattr(fxtile.op, "_run", lambda *a: states.append(
-        (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) or real_run(*a))
-    out.float().sum().backward()  # outside autocast, as in training
-    assert states and set(states) == {(True, torch.bfloat16)}, f"recompute autocast states: {set(states)}"
+    matmuls = profiled_matmuls(lambda: out.float().sum().backward())  # outside autocast, as in training
+    dtypes = {str(d) for _, _, types in matmuls for d in types if d in ("float", "c10::BFloat16")}
+    assert matmuls and dtypes == {"c10::BFloat16"}, f"the recompute's matmuls ran in {dtypes}, not bf16"
     rows = x.detach().reshape(-1, 32).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = torch.cat([model(rows[lo:hi]) for lo, hi in fxtile.op.shard_bounds(18, 4)])
+        ref = torch.cat([model(rows[lo:hi]) for lo, hi in shard_bounds(18, 4)])
     ref.float().sum().backward()
     assert torch.equal(out.reshape(-1, 32), ref)
     # Gradients: the same bf16 products per shard, summed in another order: up to two bf16 roundings
@@ -174,7 +167,7 @@ def test_dropout_recompute_replays_the_forwards_masks():
     reference = copy.deepcopy(model)
     torch.manual_seed(123)
     rows = x.detach().reshape(-1, 12).requires_grad_()
-    ref_out = torch.cat([reference(rows[lo:hi]) for lo, hi in fxtile.op.shard_bounds(12, 3)])
+    ref_out = torch.cat([reference(rows[lo:hi]) for lo, hi in shard_bounds(12, 3)])
     ref_out.sum().backward()
     torch.testing.assert_close(out.reshape(-1, 12), ref_out)
     torch.testing.assert_close(x.grad.reshape(-1, 12), rows.grad)

@@ -50,9 +50,8 @@ def test_auto_policy_rule():
     assert fxtile.ShardPolicy(shards=7).count(rows=3, hidden=8, intermediate=32) == 7
 
 
-def test_auto_runs_short_inputs_untiled(monkeypatch):
-    import fxtile.op as op
+def test_auto_runs_short_inputs_untiled():
+    from helpers import ran_tiled
 
     model = fxtile.transform(M.Odd())
-    monkeypatch.setattr(op, "tiled_forward", lambda *a: pytest.fail("short input must not be tiled"))
-    model(torch.randn(2, 5, 12)).sum().backward()
+    assert ran_tiled(model, lambda: model(torch.randn(2, 5, 12)).sum().backward()) == (0, 0)

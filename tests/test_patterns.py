@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxtile
+import fxtile.testing
+from fxtile.kernels.shards import shard_bounds
 from helpers import assert_same_outputs_and_grads, tiled_copy
 
 H, I, E = 12, 20, 4
@@ -165,16 +167,27 @@ def test_inline_mlp_in_an_untraceable_layer_is_tiled_per_call():
         torch.testing.assert_close(xt.grad, xr.grad, rtol=1e-5, atol=1e-5)
         for (n, p), q in zip(model.named_parameters(), tiled.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
-    keys = tiled._fxtile.specialized.cache
-    assert len(keys) == 3 and all(g is not None for g in keys.values()), "one tiled graph per call signature"
+    assert fxtile.testing.call_graphs(tiled) == {"": 3}, "one tiled graph per call signature"
+    assert fxtile.testing.untiled_calls(tiled) == {"": 0}
 
 
-def test_a_call_that_cannot_be_keyed_runs_the_original_forward():
+class Scale:
+    """A non-tensor argument the layer's own traced code reads (not only passes to a leaf)."""
+
+    def __getitem__(self, i):
+        return torch.ones(H) if i == 0 else torch.zeros(H)
+
+
+def test_an_object_argument_passed_through_is_tiled_and_one_the_code_reads_runs_untiled_with_a_warning():
     model = tiled_copy(InlineLayer(), shards=3)
     x = torch.randn(2, 5, H)
-    out = model(x, extra_kw=object())  # an object argument: no graph for it, the original forward runs
+    out = model(x, extra_kw=object())  # an object that flows nowhere: keyed by its type, still tiled
     torch.testing.assert_close(out, InlineLayer.forward(model, x))
-    assert len(model._fxtile.specialized.cache) == 0
+    assert fxtile.testing.untiled_calls(model) == {"": 0}
+    with pytest.warns(UserWarning, match=r"\(root\) runs untiled for this call: its Scale argument is used by traced code"):
+        out = model(x, scale=Scale())
+    torch.testing.assert_close(out, InlineLayer.forward(model, x, scale=Scale()))
+    assert fxtile.testing.untiled_calls(model) == {"": 1}
 
 
 def test_mode_dependent_dropout_in_the_mlp_replays_the_forward_mask():
@@ -187,7 +200,7 @@ def test_mode_dependent_dropout_in_the_mlp_replays_the_forward_mask():
     torch.manual_seed(123)
     out = tiled(x)
     out.square().sum().backward()
-    assert {k[0] for k in tiled._fxtile.specialized.cache} == {True}
+    assert fxtile.testing.call_graphs(tiled) == {"": 1}
     # reference: the same layer with the MLP run on the same row shards from the same RNG state
     ref = copy.deepcopy(model)
     mixed, _ = ref.mix(x)
@@ -195,7 +208,7 @@ def test_mode_dependent_dropout_in_the_mlp_replays_the_forward_mask():
     rows = ref.norm(h).reshape(-1, H)
     torch.manual_seed(123)
     parts = []
-    for lo, hi in fxtile.op.shard_bounds(12, 3):
+    for lo, hi in shard_bounds(12, 3):
         a = F.dropout(F.gelu(ref.fc1(rows[lo:hi])), p=0.5, training=True)
         parts.append(ref.fc2(a))
     ref_out = h + torch.cat(parts).reshape(2, 6, H)
@@ -344,7 +357,7 @@ def test_new_region_kinds_retile_restore_and_deepcopy(make, inputs):
     assert all(m.tiled for m in fxtile.find(clone))
     torch.testing.assert_close(first(clone(*x)), first(reference(*x)), rtol=1e-5, atol=1e-6)
     assert fxtile.restore(model) is model
-    assert not any("forward" in m.__dict__ or "_fxtile" in m.__dict__ for m in model.modules())
+    assert not any(set(vars(m)) - set(vars(r)) for m, r in zip(model.modules(), reference.modules()))
     assert torch.equal(first(model(*x)), first(reference(*x)))
 
 
@@ -369,5 +382,5 @@ def test_positional_only_and_variadic_arguments():
     x = torch.randn(2, 5, H)
     for args in [(), (True,), (False, torch.ones(H), torch.ones(H))]:
         torch.testing.assert_close(tiled(x, *args), model(x, *args))
-    assert len(tiled._fxtile.specialized.cache) == 3
+    assert fxtile.testing.call_graphs(tiled) == {"": 3}
     assert_same_outputs_and_grads(model, tiled, x.requires_grad_())

@@ -7,8 +7,8 @@
 
 One process group (gloo) serves all jobs, so the start-up (imports, rendezvous) is paid once. For each
 ``setup:case`` job rank 0 saves ``<out>/<setup>-<case>.pt``: the full parameters before and after the
-step (gathered from the shards), both ranks' batches, the shard count of every tiled call on each
-rank, which blocks were tiled and how much of their weights each rank holds between steps. The test
+step (gathered from the shards), both ranks' batches, what the op ran on each rank (calls and shards,
+forward and backward, per tiled block: ``fxtile.testing.shard_counts``), which blocks were tiled and how much of their weights each rank holds between steps. The test
 builds the single-process reference and compares; nothing is compared here. A job that raises on
 both ranks is saved as ``<setup>-<case>.err`` (both tracebacks) and the next job runs. A job that
 raises on one rank only leaves the other in a collective: the process group's timeout
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_common as common  # noqa: E402  (tests/dist/dist_common.py: model, cases, batches, reference)
 
 import fxtile  # noqa: E402
-from fxtile.op import TiledRegion  # noqa: E402
+import fxtile.testing  # noqa: E402
 
 
 @dataclass
@@ -167,22 +167,15 @@ def run_case(setup: str, case: common.Case, rank: int, world: int) -> dict:
         _clean(n) for n, p in trained.module.named_parameters() if hasattr(p, "ds_z3_leaf_module")
     )
     before = trained.full_params()
-    counts: list[int] = []
-    original = TiledRegion.shards_for
-
-    def recording(self: TiledRegion, rows: int) -> int:  # the count each tiled call picks on this rank
-        n = original(self, rows)
-        counts.append(int(n))
-        return n
-
-    TiledRegion.shards_for = recording
-    try:
-        trained.step(common.batch(case, rank))
-    finally:
-        TiledRegion.shards_for = original
+    ran_before = fxtile.testing.shard_counts(trained.module)
+    trained.step(common.batch(case, rank))
+    ran = {  # what the op itself ran on this rank in the step: calls and shards, forward and backward
+        _clean(path): tuple(a - b for a, b in zip(vars(c).values(), vars(ran_before[path]).values()))
+        for path, c in fxtile.testing.shard_counts(trained.module).items()
+    }
     after = trained.full_params()
-    all_counts: list[list[int]] = [[] for _ in range(world)]
-    dist.all_gather_object(all_counts, counts)
+    all_counts: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(all_counts, ran)
     return {
         "before": before, "after": after, "batches": [common.batch(case, r) for r in range(world)],
         "shard_counts": all_counts,

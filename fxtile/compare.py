@@ -1,0 +1,43 @@
+"""One way to compare a tiled result with its reference, used by the self-check, ``fxtile convert`` and
+the coverage sweep (tests wrap it in assertions).
+
+The error is relative to the reference tensor's magnitude, ``max|got - ref| / max(max|ref|, floor)``:
+a scale-free number, so one tolerance per dtype holds for logits, losses and gradients alike. ``floor``
+is the magnitude below which a difference counts as absolute: a whole model's check uses 1 (a gradient
+that is zero in exact arithmetic, such as an attention key bias's, is rounding noise in both models),
+the region self-check a tiny one (its probe has no such cancellations, and small values must not hide
+an error).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["max_error", "tolerance"]
+
+
+def max_error(reference: torch.Tensor, got: torch.Tensor, floor: float = 0.0) -> float:
+    """``max|got - ref| / max(max|ref|, floor)`` (0 for equal tensors; NaNs in the same places count as
+    equal; ``inf`` for a shape mismatch or any difference from an all-zero reference without a floor)."""
+    if reference.shape != got.shape:
+        return math.inf
+    ref, out = reference.detach().double(), got.detach().double().to(reference.device)
+    both_nan = torch.isnan(ref) & torch.isnan(out)
+    diff = torch.where(both_nan, torch.zeros_like(ref), (out - ref).abs())
+    if diff.numel() == 0:
+        return 0.0
+    worst = diff.max().item()
+    if math.isnan(worst):
+        return math.inf
+    scale = max(torch.where(torch.isnan(ref), torch.zeros_like(ref), ref.abs()).max().item(), floor)
+    if worst == 0.0:
+        return 0.0
+    return worst / scale if scale > 0 else math.inf
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The relative error allowed for reordered sums in ``dtype`` (shards sum a weight gradient in another
+    order than one call does); a computation that is not token-wise is off by O(1)."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 4e-2)

@@ -1,0 +1,173 @@
+"""A matched region, built once, and the callable that runs it tiled.
+
+:class:`Region` is what the matcher emits (``passes.region`` builds it): the region's structure as a
+meta-device template, the paths of every tensor and module it reads, its sizes, how its inputs look
+(for the self-check's probe) and, where the region is plain linear layers around an element-wise
+activation, the explicit-matmul plan derived from the roles the matcher found. It registers itself
+with the op (held weakly there), so it is freed with the model that owns it.
+
+:class:`TiledRegion` is the fx call target that replaces the region in a rewritten forward: it owns its
+``Region`` and a :class:`~fxtile.ShardPolicy`, flattens the leading dims of its inputs into rows, picks
+the shard count and calls the op (or the region directly when one shard is enough).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from . import op
+from .kernels import mlp
+from .policy import ShardPolicy
+
+__all__ = ["ProbeInput", "Region", "TiledRegion"]
+
+
+@dataclass(frozen=True)
+class ProbeInput:
+    """One activation input of a region, as the self-check must fabricate it: ``rows x width`` floats,
+    or integer indices below ``high`` (expert ids, class targets); ``width=None`` for a 1-D input."""
+
+    width: Optional[int]
+    high: Optional[int] = None
+
+
+class Region:
+    """Everything the op needs to run one matched region; built once at match time."""
+
+    def __init__(
+        self, template: nn.Module, tensor_paths: tuple[str, ...], module_paths: tuple[str, ...],
+        module_types: tuple[type, ...], inputs: tuple[ProbeInput, ...], hidden_size: int, width: int,
+        may_draw_random: bool, fast: Optional[mlp.LinearMLP], label: str,
+    ) -> None:
+        self.template = template  # the region's structure, tensors on the meta device, no hooks
+        self.tensor_paths, self.module_paths, self.module_types = tensor_paths, module_paths, module_types
+        self.inputs, self.hidden_size, self.width = inputs, hidden_size, width
+        self.may_draw_random, self.fast, self.label = may_draw_random, fast, label
+        # the template's copies of the live modules passed to the call, flattened: they take the live modes
+        self.moded = tuple(m for p in module_paths for m in template.get_submodule(p).modules())
+        self.counters = op.Counters()
+        self.id = op.register(self)
+
+    def run(self, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], modes: Sequence[bool]) -> torch.Tensor:
+        """The region, untiled, on these rows and live tensors; every module of the template takes its
+        live counterpart's train/eval mode (``modes``, in ``moded`` order)."""
+        for module, mode in zip(self.moded, modes):
+            module.training = mode
+        return functional_call(self.template, dict(zip(self.tensor_paths, tensors)), tuple(rows),
+                               tie_weights=False, strict=True)
+
+
+_SIMPLE = (bool, int, float, str, type(None))
+_NOT_STATE = {"training", "_parameters", "_buffers", "_modules"}
+
+
+def _freeze(value: object) -> object:
+    """A comparable copy of plain Python state (scalars and containers of them); None for the rest."""
+    if isinstance(value, _SIMPLE):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_freeze(v) for v in value]
+        return tuple(sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items)
+    if isinstance(value, dict):
+        return tuple(sorted(((str(k), _freeze(v)) for k, v in value.items()), key=repr))
+    return None
+
+
+def _python_state(module: nn.Module) -> dict:
+    """Plain Python attributes of ``module`` and its children, by (child index, name). Attributes a
+    framework adds later (FSDP, DeepSpeed) are not compared: only the ones present when tiled."""
+    return {
+        (i, k): frozen
+        for i, m in enumerate(module.modules())
+        for k, v in vars(m).items()
+        if k not in _NOT_STATE and "hook" not in k and (frozen := _freeze(v)) is not None
+    }
+
+
+class TiledRegion:
+    """The callable an fx call node targets in place of a matched region.
+
+    ``tiled(inputs, modules, tensors)`` flattens every leading dim of the inputs into rows (any batch
+    size), picks the shard count from its :class:`ShardPolicy`, and calls the tiled op, or the region
+    directly when that count is 1 (short inputs keep the untiled speed). Deep copies of a model share it
+    (it holds structure only: modules and tensors are arguments of each call).
+    """
+
+    def __init__(self, region: Region, policy: ShardPolicy) -> None:
+        self.region, self.policy = region, policy
+        self._tiled_states = tuple(_python_state(region.template.get_submodule(p)) for p in region.module_paths)
+        self.__name__ = self.__qualname__ = f"fxtile_{region.label}"  # how the generated forward names it
+        self.__module__ = __name__
+
+    def __repr__(self) -> str:
+        return f"{self.__name__}(shards={self.policy.describe()})"
+
+    def __deepcopy__(self, memo: dict) -> "TiledRegion":
+        return self
+
+    def __reduce__(self):
+        raise TypeError(
+            f"{self.__name__}: a tiled model cannot be pickled (its regions live in this process); "
+            "call fxtile.restore(model) first, or save its state_dict()"
+        )
+
+    @property
+    def module_paths(self) -> tuple[str, ...]:  # what passes.rewrite reads to build the call node
+        return self.region.module_paths
+
+    @property
+    def tensor_paths(self) -> tuple[str, ...]:
+        return self.region.tensor_paths
+
+    def shards_for(self, rows: int) -> int:
+        return self.policy.count(rows, self.region.hidden_size, self.region.width)
+
+    def _check_modules(self, modules: Sequence[nn.Module]) -> None:
+        """The op runs a copy of the region's structure taken at transform time: refuse to run it if a
+        module was replaced or its Python state changed since (PEFT's disable_adapter/merge_adapter)."""
+        for path, module, expected in zip(self.region.module_paths, modules, self.region.module_types):
+            if type(module) is not expected:
+                raise RuntimeError(
+                    f"fxtile: submodule {path!r} is now {type(module).__name__}, but was {expected.__name__} when "
+                    "it was tiled; call fxtile.restore(model) and then fxtile.transform(model) again after "
+                    "replacing submodules (e.g. apply PEFT before fxtile)"
+                )
+        if torch.compiler.is_compiling():
+            return
+        for path, module, tiled_state in zip(self.region.module_paths, modules, self._tiled_states):
+            live = _python_state(module)
+            if any(live.get(key) != value for key, value in tiled_state.items()):
+                raise RuntimeError(
+                    f"fxtile: {path!r} inside {self.__name__} changed since fxtile.transform (its non-tensor "
+                    "state differs, e.g. PEFT's disable_adapter() or merge_adapter()); call fxtile.restore(model) "
+                    "before such changes and fxtile.transform(model) after them"
+                )
+
+    def run_tiled(
+        self, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], modes: Sequence[bool], shards: int
+    ) -> torch.Tensor:
+        """The op on these rows: differentiable, with the generator state captured when it will be."""
+        needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (*rows, *tensors))
+        autocast_dtype = op.autocast_dtype_of(rows[0].device)
+        out, _ = op.tiled_forward(list(rows), list(tensors), self.region.id, shards, list(modes), needs_backward,
+                                  autocast_dtype)
+        return out
+
+    def __call__(
+        self, inputs: Sequence[torch.Tensor], modules: Sequence[nn.Module], tensors: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        self._check_modules(modules)
+        modes = [m.training for module in modules for m in module.modules()]
+        lead = inputs[0].shape[:-1] if self.region.inputs[0].width is not None else inputs[0].shape
+        rows = [t.reshape(lead.numel(), *t.shape[len(lead):]) for t in inputs]
+        shards = self.shards_for(rows[0].shape[0])
+        if shards == 1:
+            out = self.region.run(rows, tensors, modes)
+        else:
+            out = self.run_tiled(rows, tensors, modes, shards)
+        return out.reshape(*lead, *out.shape[1:])
