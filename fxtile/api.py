@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 from torch import nn
 
 from passes.experts import looks_like_experts
-from passes.patterns import MLP_PATTERNS, Pattern
+from passes.patterns import LOSS_PATTERNS, MLP_PATTERNS, Pattern
 from passes.trace import is_linear_like, linear_dims
 
 from . import distributed
@@ -112,6 +112,9 @@ class _Walk:
                 self.tiled.append((path, module))
                 self.opaque.append(module)
                 self.skipped += _REFUSED.get(module, [])
+                if not looks_like_experts(module):  # a tiled loss head's model holds tiled blocks too
+                    for name, child in module.named_children():
+                        self.visit(f"{path}.{name}" if path else name, child)
                 return True
             _uninstall(module)  # planned again below with the new policy; put back if anything fails
             self.retiled.append((module, state))
@@ -126,7 +129,7 @@ class _Walk:
         if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             return found
         if found:  # only patterns that may enclose tiled blocks (the loss head) are looked for here
-            patterns = tuple(p for p in patterns if p.nests)
+            patterns = tuple(p for p in patterns if p.nests and p.could_hold(module))
             if not patterns:
                 return found
         looks = _looks_like_mlp(module) or looks_like_experts(module)
@@ -154,21 +157,24 @@ class _Walk:
                 self.planned.append(result)
                 return True
             if isinstance(result, Declined):
-                declined.append(result.reason)
+                declined.append(result)
                 continue
-            if not quiet:
+            if not quiet or found:
                 self.skipped += result
             return found
-        reason = "; ".join(dict.fromkeys(r for r in declined if r)) or "not traced"
-        if looks and not quiet and not found:
-            self.skipped.append(Skipped(path, reason))
+        if found:  # a loss head was looked for: report it only if one was found and refused
+            reasons = [d.reason for d in declined if d.refused]
+        else:
+            reasons = [d.reason for d in declined if d.reason] if looks and not quiet else []
+        if reasons or (looks and not quiet and not found):
+            self.skipped.append(Skipped(path, "; ".join(dict.fromkeys(reasons)) or "not traced"))
         return found
 
 
 def _patterns(loss: bool) -> tuple[Pattern, ...]:
     if not isinstance(loss, bool):
         raise TypeError(f"loss must be True or False, got {type(loss).__name__} {loss!r}")
-    return MLP_PATTERNS
+    return MLP_PATTERNS + LOSS_PATTERNS if loss else MLP_PATTERNS
 
 
 def _check_args(model: object, filter_fn: object) -> None:
@@ -196,7 +202,8 @@ def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None, loss: bool =
 def _install(module: nn.Module, state: TileState) -> None:
     object.__setattr__(module, STATE, state)
     module.__dict__[state.attr] = types.MethodType(state.function, module)
-    distributed.mark_zero3_leaf(module)  # ZeRO-3: gather every weight the tiled forward reads (fxtile/distributed.py)
+    if any(r.region.loss is None for r in state.regions):  # not a model's root for its loss head alone:
+        distributed.mark_zero3_leaf(module)  # ZeRO-3 gathers every weight the tiled forward reads (fxtile/distributed.py)
 
 
 def _check_uninstallable(module: nn.Module) -> None:
@@ -233,13 +240,13 @@ def transform(
     before installing it (a region that disagrees is left alone and reported). Blocks that cannot be
     traced, matched or verified are left as they are and listed by ``fxtile.find(model).skipped``.
 
-    Example: a Llama MLP's forward before and after::
+    Example: a Llama MLP's forward before and after (``tests/test_passes.py`` pins the second)::
 
-        gate_proj = self.gate_proj(x);  act_fn = self.act_fn(gate_proj);  up_proj = self.up_proj(x)
-        mul = act_fn * up_proj;  down_proj = self.down_proj(mul);  return down_proj
-        # after: one node, weights passed explicitly
-        fxtile_gated_0 = fxtile_gated_0((x,), (self.gate_proj, self.act_fn, self.up_proj, self.down_proj),
-            (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight));  return fxtile_gated_0
+        gate_proj = self.gate_proj(x);  silu = torch.nn.functional.silu(gate_proj, inplace = False)
+        up_proj = self.up_proj(x);  mul = silu * up_proj;  down_proj = self.down_proj(mul);  return down_proj
+        # after: one call, the submodules (to check nothing was swapped) and weights passed explicitly
+        gated_0 = fxtile_gated_0((x,), (gate_proj_1, up_proj_1, down_proj_1),
+                                 (gate_proj_weight, up_proj_weight, down_proj_weight));  return gated_0
     """
     _check_args(model, filter_fn)
     policy = as_policy(shards)

@@ -23,15 +23,19 @@ def max_error(reference: torch.Tensor, got: torch.Tensor, floor: float = 0.0) ->
     equal; ``inf`` for a shape mismatch or any difference from an all-zero reference without a floor)."""
     if reference.shape != got.shape:
         return math.inf
-    ref, out = reference.detach().double(), got.detach().double().to(reference.device)
-    both_nan = torch.isnan(ref) & torch.isnan(out)
-    diff = torch.where(both_nan, torch.zeros_like(ref), (out - ref).abs())
-    if diff.numel() == 0:
+    if reference.numel() == 0:
         return 0.0
-    worst = diff.max().item()
-    if math.isnan(worst):
-        return math.inf
-    scale = max(torch.where(torch.isnan(ref), torch.zeros_like(ref), ref.abs()).max().item(), floor)
+    wide = torch.float64 if reference.dtype == torch.float64 else torch.float32
+    ref, out = reference.detach().to(wide), got.detach().to(reference.device, wide)
+    worst = (out - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    if math.isnan(worst) or math.isnan(scale):  # compare again, NaNs in the same places counting as equal
+        both = torch.isnan(ref) & torch.isnan(out)
+        if not torch.equal(torch.isnan(ref), both) or not torch.equal(torch.isnan(out), both):
+            return math.inf
+        worst = torch.where(both, 0.0, (out - ref).abs()).max().item()
+        scale = torch.where(both, 0.0, ref.abs()).max().item()
+    scale = max(scale, floor)
     if worst == 0.0:
         return 0.0
     return worst / scale if scale > 0 else math.inf

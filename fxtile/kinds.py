@@ -26,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional, Union
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -35,11 +36,11 @@ from passes.match import find_candidates
 from passes.patterns import Candidate, Pattern
 from passes.region import MODULE_HOOKS, build_region
 from passes.rewrite import rewrite
-from passes.specialize import ROOT, CallSpec, Traced, bound_signature, call_spec, default_spec, trace_call
+from passes.specialize import ROOT, CallSpec, Traced, bound_signature, call_spec, default_spec, probe_specs, trace_call
 from passes.trace import get_path, module_stack, outside_modules, trace
 
 from .policy import ShardPolicy
-from .region import TiledRegion
+from .region import TiledLoss, TiledRegion
 from .verify import Check, check_region
 
 __all__ = ["KINDS", "STATE", "Context", "Declined", "Match", "Planned", "Skipped", "TileState"]
@@ -82,9 +83,11 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Declined:
-    """Not this kind's block (why, for the report if no kind takes it)."""
+    """Not this kind's block (why, for the report if no kind takes it); ``refused``: a region was found
+    in its graph and refused (worth reporting even where only a loss head was looked for)."""
 
     reason: str
+    refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,8 @@ def tile_graph(
     """Build each region once, check it, and rewrite ``gm`` with the regions that pass (in place)."""
     matches, regions, skipped, kept = [], [], [], []
     for i, cand in enumerate(candidates):
-        tiled = TiledRegion(build_region(gm, cand, f"{cand.pattern}_{i}"), policy)
+        region = build_region(gm, cand, f"{cand.pattern}_{i}")
+        tiled = (TiledLoss if region.loss is not None else TiledRegion)(region, policy)
         check = check_region(tiled, [get_path(gm, p) for p in tiled.tensor_paths]) if verify else \
             Check(None, None, "not verified (verify=False)")
         if check.passed is False:
@@ -232,7 +236,7 @@ class BlockKind:
 
 
 def _refusals(path: str, rejections) -> list[Skipped]:
-    return [Skipped(path, f"MLP-shaped nodes {', '.join(r.nodes)}: {r.reason}") for r in rejections]
+    return [Skipped(path, f"nodes {', '.join(r.nodes)}: {r.reason}") for r in rejections]
 
 
 def _traced_or_reason(module: nn.Module, leaves: frozenset) -> Union[fx.GraphModule, str]:
@@ -251,6 +255,8 @@ class TracedBlock(BlockKind):
         gm, candidates, rejections = result
         if not candidates:
             return _refusals(ctx.path, rejections)
+        if any(c.escapes for c in candidates):  # logits returned beside the loss: calls without grad need them
+            return Declined("it returns the logits beside the loss, so it is traced per call (with and without grad)")
         return Planned(self, ctx.path, module, [match_of(ctx.path, c) for c in candidates], (gm, candidates))
 
     def build(self, planned, policy, verify):
@@ -314,6 +320,15 @@ class _Entry:
     regions: list[TiledRegion]
 
 
+@dataclass(frozen=True)
+class _Untiled:
+    """A call signature that runs the class's own code: why, and whether to say so (a causal LM called
+    without labels, or without gradients, computes no loss to tile: nothing to say)."""
+
+    reason: str
+    warn: bool = True
+
+
 @dataclass
 class PerCall:
     """A block traced per call signature: what each call needs to find (or build) its graph."""
@@ -330,7 +345,7 @@ class PerCall:
     untiled_calls: int = 0
     warned: bool = False
 
-    def entry(self, module: nn.Module, spec: CallSpec) -> Union[_Entry, str]:
+    def entry(self, module: nn.Module, spec: CallSpec) -> Union[_Entry, _Untiled]:
         found = self.cache.get(spec.key)
         if found is None:
             found = self._build(module, spec)
@@ -341,18 +356,20 @@ class PerCall:
             self.cache.move_to_end(spec.key)
         return found
 
-    def _build(self, module: nn.Module, spec: CallSpec) -> Union[_Entry, str]:
+    def _build(self, module: nn.Module, spec: CallSpec) -> Union[_Entry, _Untiled]:
         result = match_graph(lambda leaves: trace_call(module, spec, leaves, self.original), self.leaves,
                              self.patterns, lambda t: t.root, ROOT)
         if isinstance(result, str):
-            return result
-        traced, candidates, _ = result
+            return _Untiled(result)
+        traced, candidates, rejections = result
         if not candidates:
-            return "no region in the graph of this call"
+            expected = not rejections and all(p.nests for p in self.patterns)  # a head called without a loss
+            reason = rejections[0].reason if rejections else "no region in the graph of this call"
+            return _Untiled(reason, warn=not expected)
         _, regions, skipped = tile_graph(self.path, traced.graph_module, candidates, self.policy, self.verify,
                                          traced.root, ROOT, self.attr)
         if not regions:
-            return "; ".join(s.reason for s in skipped)
+            return _Untiled("; ".join(s.reason for s in skipped))
         return _Entry(traced.graph_module, traced.out_spec, regions)
 
     def entries(self) -> list[_Entry]:
@@ -362,8 +379,10 @@ class PerCall:
     def regions(self) -> list[TiledRegion]:
         return [r for e in self.entries() for r in e.regions]
 
-    def untiled(self, reason: str) -> None:
+    def untiled(self, reason: str, warn: bool = True) -> None:
         """Say once per block that a call ran untiled, and why."""
+        if not warn:
+            return
         self.untiled_calls += 1
         if not self.warned:
             self.warned = True
@@ -381,8 +400,8 @@ def _per_call_forward(self: nn.Module, *args, **kwargs):
         return original(*args, **kwargs)
     spec, inputs = keyed
     entry = per_call.entry(self, spec)
-    if isinstance(entry, str):
-        per_call.untiled(entry)
+    if isinstance(entry, _Untiled):
+        per_call.untiled(entry.reason, entry.warn)
         return original(*args, **kwargs)
     return pytree.tree_unflatten(entry.graph_module(*inputs), entry.out_spec)
 
@@ -391,23 +410,35 @@ class PerCallBlock(BlockKind):
     name = "per_call"
 
     def plan(self, module, ctx):
-        if not ctx.looks_like_mlp:
+        if not (ctx.looks_like_mlp or any(p.nests for p in ctx.patterns)):
             return Declined("")
         return self.plan_function(module, ctx, "forward", type(module).forward)
 
     def plan_function(self, module: nn.Module, ctx: Context, attr: str, function: Callable):
-        found = default_spec(module, function)
-        if found is None:
+        """Plan the default call (required arguments as tensors); for a head and its loss, which only a call
+        with targets computes, also the calls that pass one more optional argument as a tensor."""
+        specs = [default_spec(module, function)]
+        if any(p.nests for p in ctx.patterns):
+            specs += probe_specs(module, function)
+        specs = [s for s in specs if s is not None]
+        if not specs:
             return Declined("its forward takes no required argument")
-        spec, _ = found
-        result = match_graph(lambda leaves: trace_call(module, spec, leaves, function), ctx.leaves,
-                             ctx.patterns, lambda t: t.root, ROOT)
+        results = []
+        with torch.enable_grad():  # planned for a training call
+            for spec, _ in specs:
+                results.append((spec, match_graph(lambda leaves: trace_call(module, spec, leaves, function),
+                                                  ctx.leaves, ctx.patterns, lambda t: t.root, ROOT)))
+                if not isinstance(results[-1][1], str) and results[-1][1][1]:
+                    break  # the first call whose graph holds a region
+        traced_ok = [(s, r) for s, r in results if not isinstance(r, str)]
+        spec, result = next(((s, r) for s, r in traced_ok if r[1]), None) or next(
+            ((s, r) for s, r in traced_ok if r[2]), None) or results[0]
         if isinstance(result, str):
             return Declined(result)
         traced, candidates, rejections = result
         if not candidates:
             if rejections:
-                return Declined(f"traced per call: {_refusals(ctx.path, rejections)[0].reason}")
+                return Declined(f"traced per call: {_refusals(ctx.path, rejections)[0].reason}", refused=True)
             opaque = [f"{type(m).__name__} ({name.removeprefix(ROOT + '.')})" for name, m in traced.root.named_modules()
                       if m in traced.leaves and any(p.dim() == 2 for p in m.parameters(recurse=False))]
             why = (f": its projections sit in {', '.join(opaque)}, which fxtile does not recognize as linear layers "

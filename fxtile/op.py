@@ -36,9 +36,11 @@ from typing import Iterator, Optional, Protocol, Sequence
 
 import torch
 
+from .kernels import loss as loss_kernel
 from .kernels import mlp, shards as K
 
-__all__ = ["Counters", "Kernel", "autocast_dtype_of", "lookup", "register", "tiled_backward", "tiled_forward"]
+__all__ = ["Counters", "Kernel", "autocast_dtype_of", "lookup", "register", "tiled_backward", "tiled_cross_entropy",
+           "tiled_forward"]
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Kernel(Protocol):
 
     label: str
     fast: Optional[mlp.LinearMLP]
+    loss: Optional[loss_kernel.LossPlan]
     counters: Counters
 
     def run(self, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], modes: Sequence[bool]) -> torch.Tensor: ...
@@ -250,3 +253,61 @@ def _backward(ctx, grads):
 
 
 tiled_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The projection + cross-entropy op: gradients computed in its forward (see fxtile/kernels/loss.py)
+
+
+@torch.library.custom_op("fxtile::tiled_cross_entropy", mutates_args=())
+def tiled_cross_entropy(
+    h: torch.Tensor, targets: torch.Tensor, tensors: list[torch.Tensor], region: int, shards: int,
+    needs: list[bool], autocast_dtype: str,
+) -> list[torch.Tensor]:
+    """``[loss, d h, *d tensors]``: the loss over all rows and, where ``needs`` says so, its gradients
+    (empty tensors elsewhere), one shard of logits at a time."""
+    kernel = lookup(region)
+    assert kernel.loss is not None
+    with _autocast(h.device, autocast_dtype):
+        loss, grads = loss_kernel.forward(kernel.loss, h, targets, tensors, shards, needs)
+    kernel.counters.forward_calls += 1
+    kernel.counters.forward_shards += len(K.shard_bounds(h.shape[0], shards))
+    return [loss, *(g if g is not None else h.new_empty(0) for g in grads)]
+
+
+@tiled_cross_entropy.register_fake
+def _(h, targets, tensors, region, shards, needs, autocast_dtype):
+    with _autocast(h.device, autocast_dtype):  # shape and dtype of the loss: the region on fake tensors
+        loss = lookup(region).run([h, targets], tensors, [])
+    return [loss, *(torch.empty_like(t) if need else h.new_empty(0) for t, need in zip([h, *tensors], needs))]
+
+
+def _setup_loss_context(ctx, inputs, output) -> None:
+    h, targets, tensors, region, shards, needs, autocast_dtype = inputs
+    grads = output[1:]
+    ctx.mark_non_differentiable(*grads)
+    ctx.needs, ctx.region = needs, region
+    if torch.compiler.is_compiling():
+        ctx.save_for_backward(*grads)
+        ctx.pending = None
+    else:  # held here, not as saved tensors, so backward can hand each one over without a copy
+        ctx.pending = list(grads)
+
+
+def _loss_backward(ctx, grads_out):
+    g = grads_out[0]
+    if ctx.pending is None and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "fxtile: a tiled loss computes its gradients in its forward and hands them over in the first "
+            "backward; run the forward again instead of backpropagating through it twice (retain_graph=True)"
+        )
+    if torch.compiler.is_compiling():
+        out = [t * g if need else None for t, need in zip(ctx.saved_tensors, ctx.needs)]
+    else:
+        pending, ctx.pending = ctx.pending, None
+        out = [t.mul_(g) if need else None for t, need in zip(pending, ctx.needs)]
+        lookup(ctx.region).counters.backward_calls += 1
+    return out[0], None, out[1:], None, None, None, None
+
+
+tiled_cross_entropy.register_autograd(_loss_backward, setup_context=_setup_loss_context)

@@ -52,6 +52,19 @@ class ShardPolicy:
         by_speed = torch.sym_max(1, rows // self.min_tokens)
         return torch.sym_min(by_memory, by_speed)
 
+    def loss_count(self, rows: int, hidden: int, vocab: int) -> int:
+        """Shards for a projection + cross-entropy over ``rows`` tokens.
+
+        Memory: the same rule as an MLP's (a shard's ``rows x vocab`` logits at most ``budget`` times the
+        input). Speed: each shard reads the whole ``[vocab, hidden]`` head weight three times (logits,
+        input gradient, weight gradient), so shards are kept at ``min_tokens // 4`` rows or more (128 by
+        default), where those matmuls stay compute-bound (benchmarks/loss.py)."""
+        if self.shards is not None:
+            return self.shards
+        by_memory = max(1, -(-vocab // max(1, int(self.budget * hidden))))
+        by_speed = torch.sym_max(1, rows // max(1, self.min_tokens // 4))
+        return torch.sym_min(by_memory, by_speed)
+
     def describe(self) -> str:
         return str(self.shards) if self.shards is not None else "auto"
 

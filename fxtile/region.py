@@ -20,11 +20,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+import warnings
+
 from . import op
+from .kernels import loss as loss_kernel
 from .kernels import mlp
 from .policy import ShardPolicy
 
-__all__ = ["ProbeInput", "Region", "TiledRegion"]
+__all__ = ["ProbeInput", "Region", "TiledLoss", "TiledRegion"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,13 @@ class Region:
         self, template: nn.Module, tensor_paths: tuple[str, ...], module_paths: tuple[str, ...],
         module_types: tuple[type, ...], inputs: tuple[ProbeInput, ...], hidden_size: int, width: int,
         may_draw_random: bool, fast: Optional[mlp.LinearMLP], label: str,
+        loss: Optional[loss_kernel.LossPlan] = None,
     ) -> None:
         self.template = template  # the region's structure, tensors on the meta device, no hooks
         self.tensor_paths, self.module_paths, self.module_types = tensor_paths, module_paths, module_types
         self.inputs, self.hidden_size, self.width = inputs, hidden_size, width
         self.may_draw_random, self.fast, self.label = may_draw_random, fast, label
+        self.loss = loss  # a projection + cross-entropy: its plan (the region's output is the loss)
         # the template's copies of the live modules passed to the call, flattened: they take the live modes
         self.moded = tuple(m for p in module_paths for m in template.get_submodule(p).modules())
         self.counters = op.Counters()
@@ -101,18 +106,18 @@ class TiledRegion:
     def __init__(self, region: Region, policy: ShardPolicy) -> None:
         self.region, self.policy = region, policy
         self._tiled_states = tuple(_python_state(region.template.get_submodule(p)) for p in region.module_paths)
-        self.__name__ = self.__qualname__ = f"fxtile_{region.label}"  # how the generated forward names it
-        self.__module__ = __name__
+        self.__name__ = self.__qualname__ = region.label  # the generated forward calls it fxtile_<label>
+        self.__module__ = "fxtile"
 
     def __repr__(self) -> str:
-        return f"{self.__name__}(shards={self.policy.describe()})"
+        return f"fxtile_{self.__name__}(shards={self.policy.describe()})"
 
     def __deepcopy__(self, memo: dict) -> "TiledRegion":
         return self
 
     def __reduce__(self):
         raise TypeError(
-            f"{self.__name__}: a tiled model cannot be pickled (its regions live in this process); "
+            f"fxtile_{self.__name__}: a tiled model cannot be pickled (its regions live in this process); "
             "call fxtile.restore(model) first, or save its state_dict()"
         )
 
@@ -143,7 +148,7 @@ class TiledRegion:
             live = _python_state(module)
             if any(live.get(key) != value for key, value in tiled_state.items()):
                 raise RuntimeError(
-                    f"fxtile: {path!r} inside {self.__name__} changed since fxtile.transform (its non-tensor "
+                    f"fxtile: {path!r} inside region {self.__name__} changed since fxtile.transform (its non-tensor "
                     "state differs, e.g. PEFT's disable_adapter() or merge_adapter()); call fxtile.restore(model) "
                     "before such changes and fxtile.transform(model) after them"
                 )
@@ -171,3 +176,41 @@ class TiledRegion:
         else:
             out = self.run_tiled(rows, tensors, modes, shards)
         return out.reshape(*lead, *out.shape[1:])
+
+
+class TiledLoss(TiledRegion):
+    """The call target that replaces a projection + cross-entropy: ``tiled((h, targets), modules, tensors)``
+    returns the loss, computed shard by shard without ever holding more than one shard of logits.
+
+    A call the plan does not cover (targets that are not one class index per row, logits the graph does
+    not flatten from a 2-D input) runs the region untiled, and says so once."""
+
+    _warned = False
+
+    def shards_for(self, rows: int) -> int:
+        return self.policy.loss_count(rows, self.region.hidden_size, self.region.width)
+
+    def _untiled(self, why: str, inputs, tensors, modes) -> torch.Tensor:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"fxtile: the loss {self.__name__} runs untiled for this call: {why}", stacklevel=4)
+        return self.region.run(inputs, tensors, modes)
+
+    def run_tiled(self, rows, tensors, modes, shards):
+        h, targets = rows
+        needs = [t.requires_grad and torch.is_grad_enabled() for t in (h, *tensors)]
+        autocast_dtype = op.autocast_dtype_of(h.device)
+        return op.tiled_cross_entropy(h, targets, list(tensors), self.region.id, shards, needs, autocast_dtype)[0]
+
+    def __call__(self, inputs, modules, tensors):
+        self._check_modules(modules)
+        modes = [m.training for module in modules for m in module.modules()]
+        h, targets = inputs
+        if not self.region.loss.flattened and h.dim() != 2:
+            return self._untiled(f"its logits are {h.dim()}-D and never flattened to rows", inputs, tensors, modes)
+        rows = h.reshape(-1, h.shape[-1])
+        if targets.is_floating_point() or targets.numel() != rows.shape[0]:
+            return self._untiled("its targets are not one class index per row", inputs, tensors, modes)
+        flat = [rows, targets.reshape(-1)]
+        shards = self.shards_for(rows.shape[0])
+        return self.region.run(flat, tensors, modes) if shards == 1 else self.run_tiled(flat, tensors, modes, shards)

@@ -52,6 +52,8 @@ def not_contained(gm: fx.GraphModule, cand: Candidate, accepted: list[Candidate]
     inside = set(cand.nodes)
     escaping = set(cand.escapes)
     for node in cand.nodes[:-1]:
+        if node in cand.rebind:  # x.device of an inside value: re-read from the region's input
+            continue
         outside = [u.name for u in node.users if u not in inside and not (node in escaping and u.op == "output")]
         if outside:
             return f"intermediate {node.name} is also used outside the region (by {', '.join(outside)}), so it cannot be recomputed away"
@@ -99,9 +101,10 @@ def find_candidates(
     found: list[Candidate] = []
     rejected: list[Rejection] = []
     for pattern in patterns:
-        for inst in pattern.instances(graph):
+        for inst in pattern.instances(gm, labels, graph):
             cut = pattern.cut(gm, labels, inst)
-            (found if isinstance(cut, Candidate) else rejected).append(cut)
+            if cut is not None:
+                (found if isinstance(cut, Candidate) else rejected).append(cut)
     accepted: list[Candidate] = []
     for cand in sorted(found, key=lambda c: (labels.order[c.exit], -len(c.nodes))):
         reason = next((r for f in FILTERS if (r := f(gm, cand, accepted))), None)

@@ -8,7 +8,8 @@ or a :class:`Rejection` that says why not. Only token-wise nodes can be labelled
 
 * ``gated``: ``down(act(gate(x)) * up(x))``, operands of ``*`` in either order;
 * ``gated_fused``: ``gate, up = proj(x).chunk(2, -1)`` (or ``split``, or ``[..., a:b]`` slices);
-* ``plain``: ``fc2(act(fc1(x)))``.
+* ``plain``: ``fc2(act(fc1(x)))``;
+* ``linear_cross_entropy``: ``cross_entropy(steps(head(h)), y)`` with only row-wise steps between.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ import networkx as nx
 import torch.fx as fx
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
-from .labels import JOIN, LINEAR, PART, Labels, is_activation, projection_dims, projection_name
-from .pointwise import is_metadata, is_random
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["Candidate", "GATED", "GATED_FUSED", "MLP_PATTERNS", "PLAIN", "Pattern", "Rejection"]
+from .labels import JOIN, LINEAR, PART, POINTWISE, Labels, is_activation, projection_dims, projection_name
+from .pointwise import is_metadata, is_random
+from .trace import is_linear_like
+
+__all__ = ["CAST_TARGETS", "Candidate", "GATED", "GATED_FUSED", "LINEAR_CROSS_ENTROPY", "LOSS_PATTERNS", "MLP_PATTERNS", "PLAIN", "Pattern",
+           "Rejection"]
 
 
 @dataclass
@@ -41,6 +48,8 @@ class Candidate:
     intermediate_size: int
     may_draw_random: bool
     escapes: tuple[fx.Node, ...] = field(default_factory=tuple)  # region values also returned by the graph
+    rebind: tuple[fx.Node, ...] = field(default_factory=tuple)  # x.device of a region value, read outside
+    options: dict = field(default_factory=dict)  # what the op needs beyond the nodes (the loss's arguments)
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,11 @@ class Pattern:
     nests = False
     min_projections = 2
 
-    def instances(self, abstract: nx.DiGraph) -> Iterator[dict[str, fx.Node]]:
+    def could_hold(self, module: nn.Module) -> bool:
+        """A cheap look at the module before it is traced for this pattern."""
+        return True
+
+    def instances(self, gm: fx.GraphModule, labels: Labels, abstract: nx.DiGraph) -> Iterator[dict[str, fx.Node]]:
         """Each distinct node set once (the gated pattern is symmetric in gate/up)."""
         seen: set[frozenset[fx.Node]] = set()
         for mapping in DiGraphMatcher(abstract, self.graph, node_match=_node_match).subgraph_monomorphisms_iter():
@@ -103,7 +116,8 @@ class Pattern:
                 seen.add(key)
                 yield inverse
 
-    def cut(self, gm: fx.GraphModule, labels: Labels, inst: dict[str, fx.Node]) -> Candidate | Rejection:
+    def cut(self, gm: fx.GraphModule, labels: Labels, inst: dict[str, fx.Node]) -> Candidate | Rejection | None:
+        """The region of an instance, why it is refused, or None when this graph is not one to tile it in."""
         raise NotImplementedError
 
     def _candidate(self, gm, labels, core, last, folded, roles, role_nodes, act_nodes, dims) -> Candidate:
@@ -204,5 +218,144 @@ class GatedFused(_Gated):
                                sides[gate_key], (hidden, both // 2))
 
 
-GATED, GATED_FUSED, PLAIN = Gated(), GatedFused(), Plain()
+# ---------------------------------------------------------------------------------------------
+# The output projection and its cross-entropy
+
+
+_FLATTEN_METHODS = {"view", "reshape"}
+CAST_TARGETS = {"float", "to", "type_as", "contiguous", "half", "bfloat16", "double"}
+
+
+def _is_row_flatten(node: fx.Node) -> bool:
+    """``z.view(-1, V)`` / ``z.reshape(-1, V)`` / ``z.flatten(0, -2)``: rows of every leading dim, in order."""
+    if node.op == "call_method" and node.target in _FLATTEN_METHODS:
+        return len(node.args) == 3 and node.args[1] == -1 and not node.kwargs
+    if node.op == "call_function" and node.target is torch.reshape:
+        return len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) and len(node.args[1]) == 2 and node.args[1][0] == -1
+    flatten = (node.op == "call_method" and node.target == "flatten") or (node.op == "call_function" and node.target is torch.flatten)
+    return flatten and tuple(node.args[1:]) == (0, -2) and not node.kwargs
+
+
+def _cross_entropy(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, dict] | str | None:
+    """(logits input, target, options) of a cross-entropy node, the reason it cannot be tiled, or None
+    if ``node`` is no cross-entropy. Options: ignore_index, reduction, label_smoothing, weight (a tensor
+    path or None)."""
+    names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
+    if node.op == "call_function" and node.target is F.cross_entropy:
+        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        weight = bound.get("weight")
+        if bound.get("size_average") is not None or bound.get("reduce") is not None:
+            return "it passes the deprecated size_average/reduce arguments"
+        if weight is not None and (not isinstance(weight, fx.Node) or weight.op != "get_attr"):
+            return "its class weights are computed in the forward, not a fixed tensor"
+        weight = str(weight.target) if weight is not None else None
+        options = {"ignore_index": bound.get("ignore_index", -100), "reduction": bound.get("reduction", "mean"),
+                   "label_smoothing": bound.get("label_smoothing", 0.0), "weight": weight}
+        logits, target = bound.get("input"), bound.get("target")
+    elif node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.CrossEntropyLoss):
+        module = gm.get_submodule(str(node.target))
+        options = {"ignore_index": module.ignore_index, "reduction": module.reduction,
+                   "label_smoothing": module.label_smoothing,
+                   "weight": f"{node.target}.weight" if module.weight is not None else None}
+        logits, target = (list(node.args) + [node.kwargs.get("input"), node.kwargs.get("target")])[:2]
+    else:
+        return None
+    if options["reduction"] not in ("mean", "sum"):
+        return f"reduction={options['reduction']!r} returns per-token losses, not one loss to tile"
+    if not isinstance(options["ignore_index"], int) or not isinstance(options["label_smoothing"], (int, float)):
+        return "its ignore_index or label_smoothing is computed in the forward"
+    if not isinstance(logits, fx.Node) or not isinstance(target, fx.Node):
+        return "its input or target is not a tensor of the graph"
+    return logits, target, options
+
+
+class LinearCrossEntropy(Pattern):
+    """A projection whose output reaches a cross-entropy with integer targets only through row-wise
+    steps: casts (``.float()``), element-wise ops (soft-capping ``tanh(z / c) * c``, scaling) and
+    flattening to rows (``view(-1, V)``). The region's inputs are the projection's input and the
+    targets; its output is the loss, one number: the op computes it shard by shard and never holds
+    more than one shard of logits. Logits the graph also returns are returned as ``None``."""
+
+    name = "linear_cross_entropy"
+    graph = _graph([], {})
+    nests = True  # the head sits in a model whose blocks are already tiled (they stay opaque)
+    min_projections = 1
+
+    def could_hold(self, module: nn.Module) -> bool:
+        """The head is the module's own: a linear child, a tied embedding it reads, or a raw weight."""
+        return any(is_linear_like(c) or isinstance(c, nn.Embedding) for c in module.children()) or any(
+            p.dim() == 2 for p in module.parameters(recurse=False))
+
+    def instances(self, gm, labels, abstract):
+        for node in gm.graph.nodes:
+            found = _cross_entropy(gm, node)
+            if found is not None:
+                yield {"loss": node}
+
+    def cut(self, gm, labels, inst):
+        loss = inst["loss"]
+        found = _cross_entropy(gm, loss)
+        if isinstance(found, str):
+            return Rejection((loss.name,), f"the cross-entropy {loss.name}: {found}")
+        logits, target, options = found
+        steps, node = [], logits
+        while labels.kind.get(node) != LINEAR:  # back from the loss's input to the projection
+            if _is_row_flatten(node) or (labels.kind.get(node) == POINTWISE and len(labels.flowing_inputs(node)) == 1):
+                steps.append(node)
+                node = node.args[0] if _is_row_flatten(node) else labels.flowing_inputs(node)[0]
+                continue
+            what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.op)
+            return Rejection((loss.name,), f"{node.name} ({what}) between the logits and the loss {loss.name} is not a "
+                                           "row-wise step (casts, element-wise ops and view(-1, V) are)")
+        head = node
+        ids = (head.name, *(n.name for n in reversed(steps)), loss.name)
+        plain = (head.op == "call_module" and type(gm.get_submodule(str(head.target))) is nn.Linear) or (
+            head.op == "call_function" and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in head.args[1:]))
+        if head in labels.inner or not plain:
+            return Rejection(ids, f"the projection {head.name} is not a plain nn.Linear or F.linear (an adapter or a "
+                                  "custom layer on the output head), so the loss kernel cannot compute its logits")
+        statics = [a.name for n in steps for a in n.all_input_nodes if a.op == "get_attr"]
+        if statics:
+            return Rejection(ids, f"the steps between the logits and the loss read parameters ({', '.join(statics)})")
+        region = {head, loss, *steps}
+        metadata = {u for n in region for u in n.users if is_metadata(u)}
+        rebind = tuple(m for m in metadata if m.args[1:] == ("device",) and any(u not in region | metadata for u in m.users))
+        region |= metadata
+        escapes = []
+        for n in (head, *steps):
+            outside = [u for u in n.users if u not in region]
+            if any(u.op != "output" for u in outside):
+                used = next(u for u in outside if u.op != "output")
+                return Rejection(ids, f"the logits ({n.name}) are also used by {used.name}, not only by the loss and "
+                                      "the model's output, so they cannot stay unmaterialized")
+            if outside:
+                escapes.append(n)
+        stack, seen = [target], set()
+        while stack:  # the targets must not be computed from the logits (x.device aside)
+            n = stack.pop()
+            if n in seen or n in rebind:
+                continue
+            seen.add(n)
+            if n in region:
+                return Rejection(ids, f"the loss's targets are computed from the logits ({n.name})")
+            stack.extend(n.all_input_nodes)
+        if escapes and not torch.is_grad_enabled():
+            return None  # a call without gradients returns the logits as computed (the key holds the grad mode)
+        if not any(_is_row_flatten(n) for n in steps):
+            options = {**options, "flattened": False}  # rows only if the logits are already 2-D (checked per call)
+        nodes = sorted(region, key=labels.order.__getitem__)
+        math = [n for n in steps if not _is_row_flatten(n) and n.target not in CAST_TARGETS]
+        activation = _describe_activation(gm, labels, math)[0] if math else "none"
+        hidden, vocab = projection_dims(gm, labels, head)
+        return Candidate(
+            pattern=self.name, inputs=(labels.proj_input[head], target), exit=loss, nodes=nodes,
+            roles={"head": projection_name(gm, labels, head)}, role_nodes={"head": head, "loss": loss},
+            activation=activation, hidden_size=hidden, intermediate_size=vocab,
+            may_draw_random=any(is_random(gm, n) for n in nodes), escapes=tuple(escapes), rebind=rebind,
+            options={"flattened": True, **options},
+        )
+
+
+GATED, GATED_FUSED, PLAIN, LINEAR_CROSS_ENTROPY = Gated(), GatedFused(), Plain(), LinearCrossEntropy()
 MLP_PATTERNS: tuple[Pattern, ...] = (GATED, GATED_FUSED, PLAIN)
+LOSS_PATTERNS: tuple[Pattern, ...] = (LINEAR_CROSS_ENTROPY,)

@@ -101,9 +101,14 @@ def is_row_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def is_metadata(node: fx.Node) -> bool:
-    """``x.dtype`` / ``x.device``: a value about a tensor, not computed from its rows."""
-    return (node.op == "call_function" and node.target is getattr and len(node.args) == 2
-            and node.args[1] in _METADATA_ATTRS)
+    """``x.dtype`` / ``x.device`` / ``x.size(-1)``: a value about a tensor, not computed from its rows
+    (the last dim is the features; a row count would change from shard to shard, so it is not one)."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return node.args[1] in _METADATA_ATTRS
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return dim == -1
+    return False
 
 
 def is_random(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -19,11 +19,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxtile.kernels.loss import LossPlan
 from fxtile.kernels.mlp import LinearMLP, Proj
 from fxtile.region import ProbeInput, Region
 
 from .labels import MUL_TARGETS, SPLIT_TARGETS
-from .patterns import Candidate
+from .patterns import CAST_TARGETS, Candidate
 from .pointwise import is_pointwise, is_random
 from .trace import conv1d_type, forget_source_when_freed, get_path, graph_module
 
@@ -92,16 +93,64 @@ def meta_template(module: nn.Module, tensor_paths: Sequence[str]) -> nn.Module:
 
 
 def build_region(gm: fx.GraphModule, cand: Candidate, label: str) -> Region:
-    """The region of ``cand`` in ``gm``, with its template, paths, probe and (if it applies) fast plan."""
+    """The region of ``cand`` in ``gm``, with its template, paths, probe and the plan its kernel follows
+    (the explicit-matmul one for a plain MLP, the loss plan for a projection + cross-entropy)."""
     region, names = extract_region(gm, cand)
     module_paths, tensor_paths = region_inputs(region)
     template = meta_template(region, tensor_paths)
     assert isinstance(template, fx.GraphModule)
+    loss = cand.pattern == "linear_cross_entropy"
+    if loss:
+        probe = (ProbeInput(cand.hidden_size), ProbeInput(None, high=cand.intermediate_size))
+    else:
+        probe = tuple(ProbeInput(cand.hidden_size) for _ in cand.inputs)
     return Region(
         template, tensor_paths, module_paths, tuple(type(region.get_submodule(p)) for p in module_paths),
-        tuple(ProbeInput(cand.hidden_size) for _ in cand.inputs), cand.hidden_size, cand.intermediate_size,
-        cand.may_draw_random, fast_plan(template, cand, names, tensor_paths), label,
+        probe, cand.hidden_size, cand.intermediate_size, cand.may_draw_random,
+        None if loss else fast_plan(template, cand, names, tensor_paths), label,
+        loss_plan(template, cand, names, tensor_paths) if loss else None,
     )
+
+
+def loss_plan(template: fx.GraphModule, cand: Candidate, names: dict[str, str], tensor_paths: Sequence[str]) -> LossPlan:
+    """The loss plan: the head as a projection, the steps from the logits to the loss's input as their own
+    one-input graph, and the loss's arguments."""
+    index = {p: i for i, p in enumerate(tensor_paths)}
+    by_name = {n.name: n for n in template.graph.nodes}
+    head, loss = (by_name[names[cand.role_nodes[k].name]] for k in ("head", "loss"))
+    proj = _proj(template, head, index)
+    assert proj is not None and not proj.transposed, "the pattern admits plain nn.Linear / F.linear heads only"
+    order = {n: i for i, n in enumerate(template.graph.nodes)}
+    ce_input = loss.args[0] if loss.args else loss.kwargs["input"]
+    steps = [n for n in template.graph.nodes if n.op not in ("placeholder", "output", "get_attr")
+             and n not in (head, loss) and order[head] < order[n] < order[loss] and _feeds(n, ce_input)]
+    graph = fx.Graph()
+    env = {head: graph.placeholder("z")}
+    for node in steps:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(env[ce_input])
+    options = cand.options
+    fused = options["label_smoothing"] == 0 and all(
+        n.target in CAST_TARGETS or n.op == "call_method" and n.target in ("view", "reshape", "flatten", "size")
+        or n.target in (torch.reshape, torch.flatten, getattr) for n in steps)
+    return LossPlan(
+        proj, graph_module(template, graph, "LossSteps"), fused, options["ignore_index"], options["reduction"],
+        float(options["label_smoothing"]), index[options["weight"]] if options["weight"] else None,
+        options["flattened"],
+    )
+
+
+def _feeds(node: fx.Node, target: fx.Node) -> bool:
+    """``node`` is ``target`` or an input of it (transitively)."""
+    stack, seen = [target], set()
+    while stack:
+        n = stack.pop()
+        if n is node:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

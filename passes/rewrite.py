@@ -44,6 +44,14 @@ def rewrite(gm: fx.GraphModule, regions: list[tuple[Candidate, RegionCall]], *, 
     """
     graph = gm.graph
     for cand, target in regions:
+        inside = set(cand.nodes)
+        for node in cand.rebind:  # x.device of an inside value, read outside: the input's device
+            outside = [u for u in node.users if u not in inside]
+            first = min(outside, key=list(graph.nodes).index)
+            with graph.inserting_before(first):
+                device = graph.call_function(getattr, (cand.inputs[0], "device"))
+            for user in outside:
+                user.replace_input_with(node, device)
         with graph.inserting_before(cand.exit):
             modules = tuple(graph.get_attr(p) for p in target.module_paths)
             tensors = tuple(graph.get_attr(p) for p in target.tensor_paths)

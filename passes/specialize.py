@@ -38,7 +38,7 @@ from fxtile.modes import modes_of
 
 from .trace import LeafTracer, first_line, graph_module
 
-__all__ = ["CallSpec", "ROOT", "Traced", "bound_signature", "call_spec", "default_spec", "trace_call"]
+__all__ = ["CallSpec", "ROOT", "Traced", "bound_signature", "call_spec", "default_spec", "probe_specs", "trace_call"]
 
 _MAX_LEAVES = 8
 _ATOMS = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
@@ -116,6 +116,28 @@ def default_spec(module: nn.Module, forward: Callable | None = None) -> tuple[Ca
     with torch.enable_grad():
         found = call_spec(signature, module, tuple(torch.empty(0) for _ in required), {})
     return None if isinstance(found, str) else found
+
+
+def probe_specs(module: nn.Module, forward: Callable | None = None) -> list[tuple[CallSpec, list]]:
+    """The calls that pass one more optional argument (default ``None``) as a tensor than the default
+    call does, the first argument included when it is optional (``model(input_ids, labels=...)``): how a
+    head's loss is found before any training call, by the graph it gives, not by the argument's name."""
+    signature = bound_signature(module, forward)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_POSITIONAL and p.kind is not p.VAR_KEYWORD]
+    required = [p for p in params if p.default is inspect.Parameter.empty]
+    if any(p.kind is p.KEYWORD_ONLY for p in required):
+        return []
+    args = tuple(torch.empty(0) for p in required if p.kind is not p.KEYWORD_ONLY)
+    base = {} if required or not params else {params[0].name: torch.empty(0)}
+    specs = []
+    with torch.enable_grad():
+        for p in params:
+            if p.default is not None or p.name in base or p.kind is p.POSITIONAL_ONLY:
+                continue
+            found = call_spec(signature, module, args, {**base, p.name: torch.empty(0)})
+            if not isinstance(found, str):
+                specs.append(found)
+    return specs
 
 
 def _rebuild(sub: Any, pool: list) -> Any:

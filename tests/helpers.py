@@ -95,7 +95,9 @@ def profiled_matmuls(fn) -> list[tuple[str, list, list]]:
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm")),
+    names = ("aten::mm", "aten::addmm", "aten::bmm")
+    # the kernel that ran, not a dispatcher layer above it (autocast re-dispatches aten::mm in bf16)
+    events = sorted((e for e in prof.events() if e.name in names and not any(c.name == e.name for c in e.cpu_children)),
                     key=lambda e: e.time_range.start)
     return [(e.name, e.input_shapes, e.input_dtypes if hasattr(e, "input_dtypes") else []) for e in events]
 

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.func import vjp
 
-__all__ = ["LinearMLP", "Proj", "accumulate", "backward_shard", "forward_shard"]
+__all__ = ["LinearMLP", "Proj", "accumulate", "add_mm", "backward_shard", "forward_shard", "input_grad", "linear", "weight_grads"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,14 @@ class LinearMLP:
 # ``t`` is the op's tensor list in every kernel below (run with autograd off).
 
 
-def _linear(x: torch.Tensor, t: Sequence[torch.Tensor], p: Proj, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, t: Sequence[torch.Tensor], p: Proj, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     weight = t[p.weight] if p.transposed else t[p.weight].t()
     if p.bias is None:
         return torch.mm(x, weight, out=out) if out is not None else torch.mm(x, weight)
     return torch.addmm(t[p.bias], x, weight, out=out) if out is not None else torch.addmm(t[p.bias], x, weight)
 
 
-def _input_grad(
+def input_grad(
     dy: torch.Tensor, t: Sequence[torch.Tensor], p: Proj, out: Optional[torch.Tensor] = None, accumulate: bool = False
 ) -> torch.Tensor:
     """``dy @ W`` (the gradient w.r.t. the projection's input), optionally into or onto ``out``."""
@@ -73,7 +73,7 @@ def accumulate(sums: dict[int, torch.Tensor], i: int, value: torch.Tensor) -> No
         sums[i].add_(value)
 
 
-def _add_mm(sums: dict[int, torch.Tensor], i: int, a: torch.Tensor, b: torch.Tensor) -> None:
+def add_mm(sums: dict[int, torch.Tensor], i: int, a: torch.Tensor, b: torch.Tensor) -> None:
     acc = sums.get(i)
     if acc is None:
         accumulate(sums, i, torch.mm(a, b))
@@ -85,20 +85,20 @@ def _add_mm(sums: dict[int, torch.Tensor], i: int, a: torch.Tensor, b: torch.Ten
         acc.add_(torch.mm(a, b))  # CPU has no mixed-dtype addmm: one low-precision temporary
 
 
-def _weight_grads(sums, needs, t, p: Proj, x: torch.Tensor, dy: torch.Tensor) -> None:
+def weight_grads(sums, needs, t, p: Proj, x: torch.Tensor, dy: torch.Tensor) -> None:
     """d weight += dy^T x (x^T dy in Conv1D's [in, out] layout); d bias += sum(dy)."""
     if needs[p.weight]:
-        _add_mm(sums, p.weight, *((x.t(), dy) if p.transposed else (dy.t(), x)))
+        add_mm(sums, p.weight, *((x.t(), dy) if p.transposed else (dy.t(), x)))
     if p.bias is not None and needs[p.bias]:
         accumulate(sums, p.bias, dy.sum(0))
 
 
 def _branches(plan: LinearMLP, x: torch.Tensor, t: Sequence[torch.Tensor]):
     """(gate pre-activation, up or None) of one shard."""
-    first = _linear(x, t, plan.first)
+    first = linear(x, t, plan.first)
     if plan.kind == "gated_fused":
         return first[:, plan.gate_cols], first[:, plan.up_cols]
-    return first, (_linear(x, t, plan.up) if plan.kind == "gated" else None)
+    return first, (linear(x, t, plan.up) if plan.kind == "gated" else None)
 
 
 def forward_shard(plan: LinearMLP, x: torch.Tensor, t: Sequence[torch.Tensor], out: torch.Tensor) -> None:
@@ -107,7 +107,7 @@ def forward_shard(plan: LinearMLP, x: torch.Tensor, t: Sequence[torch.Tensor], o
     h = plan.act(g)
     if u is not None:
         h = h * u
-    _linear(h, t, plan.down, out=out)
+    linear(h, t, plan.down, out=out)
 
 
 def backward_shard(
@@ -122,9 +122,9 @@ def backward_shard(
     g, u = _branches(plan, x, t)
     a, pullback = vjp(plan.act, g)
     h = a * u if u is not None else a
-    _weight_grads(sums, needs, t, plan.down, h, dy)
+    weight_grads(sums, needs, t, plan.down, h, dy)
     del h
-    dh = _input_grad(dy, t, plan.down)
+    dh = input_grad(dy, t, plan.down)
     du = None
     if u is not None:
         du = dh * a
@@ -136,10 +136,10 @@ def backward_shard(
         dg_du = torch.empty((dg.shape[0], dg.shape[1] + du.shape[1]), dtype=dg.dtype, device=dg.device)
         dg_du[:, plan.gate_cols], dg_du[:, plan.up_cols] = dg, du
         dg, du = dg_du, None
-    _weight_grads(sums, needs, t, plan.first, x, dg)
+    weight_grads(sums, needs, t, plan.first, x, dg)
     if du is not None:
-        _weight_grads(sums, needs, t, plan.up, x, du)
+        weight_grads(sums, needs, t, plan.up, x, du)
     if grad_x is not None:
-        _input_grad(dg, t, plan.first, out=grad_x)
+        input_grad(dg, t, plan.first, out=grad_x)
         if du is not None:
-            _input_grad(du, t, plan.up, out=grad_x, accumulate=True)
+            input_grad(du, t, plan.up, out=grad_x, accumulate=True)

@@ -1,0 +1,132 @@
+"""The projection + cross-entropy kernel: the loss over all rows, and its gradients, one shard of logits at a time.
+
+Why gradients in the forward: the loss is one number, so the gradient arriving in backward is one
+number ``g`` too, and every gradient is ``g`` times what the forward can already compute. So each shard
+computes its logits ``z = h @ W^T (+ b)`` once, its part of the loss and ``dz``, and folds ``dz`` into
+``dh`` and ``dW`` at once: three matmuls per shard, as many as an untiled step, and at no time more than
+one shard of logits (DeepSpeed's ``TiledFusedLogitsLoss`` and torch's chunked ``linear_cross_entropy``
+do the same). The op's backward then only scales the result by ``g``.
+
+Exactness: the rows of a shard are summed with ``reduction="sum"`` and a mean is divided once by the
+denominator torch itself uses, ``sum over rows not ignored of weight[target]`` (the row count without
+class weights); label smoothing follows the same rule. A shard whose rows are all ignored adds nothing,
+and a batch whose rows are all ignored gives torch's NaN mean and zero gradients.
+
+Two ways to compute a shard's ``dz``:
+
+* fused, when the steps between the logits and the loss are casts and flattening only: softmax in place
+  in one ``rows x V`` buffer (fp32), so a shard holds one logits-sized tensor (two for bf16 weights: the
+  bf16 ``dz`` the matmuls need);
+* generic, for any other row-wise steps (soft-capping, scaling) and label smoothing: ``torch.func.vjp``
+  of the steps and ``F.cross_entropy`` on the shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import vjp
+
+from . import mlp
+from .shards import shard_bounds
+
+__all__ = ["LossPlan", "forward"]
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """How to run a matched projection + cross-entropy: tensor-list indices and the loss's arguments."""
+
+    head: mlp.Proj  # the projection: weight [V, H] and bias, indices into the op's tensor list
+    steps: Callable[[torch.Tensor], torch.Tensor]  # logits -> the cross-entropy's input (row-wise)
+    fused: bool  # the steps are casts and flattening only
+    ignore_index: int
+    reduction: str  # "mean" | "sum"
+    label_smoothing: float
+    class_weight: Optional[int]  # index of the class weights, if any
+    flattened: bool  # the steps flatten the logits to rows (else the logits must already be 2-D)
+
+
+def _denominator(plan: LossPlan, targets: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """What torch divides a mean by: the weight of the rows that are not ignored."""
+    valid = targets != plan.ignore_index
+    if plan.class_weight is None:
+        return valid.sum().to(torch.float32)
+    weight = tensors[plan.class_weight]
+    return weight.float()[targets.clamp(min=0)].mul_(valid).sum()
+
+
+def _fused_dz(plan: LossPlan, z: torch.Tensor, y: torch.Tensor, tensors, scale: torch.Tensor, want_dz: bool):
+    """(sum of the shard's losses, dz) with one fp32 ``rows x V`` buffer: softmax computed in place
+    (in the logits' own storage when they are fp32; the caller keeps no reference to them)."""
+    dtype = z.dtype
+    x = plan.steps(z).to(torch.float32)  # casts and flattening only
+    del z
+    valid = y != plan.ignore_index
+    safe = torch.where(valid, y, 0)
+    w = tensors[plan.class_weight].float()[safe] * valid if plan.class_weight is not None else valid.to(torch.float32)
+    picked = x.gather(1, safe[:, None]).squeeze(1)
+    top = x.amax(1, keepdim=True)
+    x.sub_(top).exp_()
+    total = x.sum(1, keepdim=True)
+    lse = (total.log() + top).squeeze(1)
+    loss = ((lse - picked) * w).sum()
+    if not want_dz:
+        return loss, None
+    x.div_(total)  # softmax
+    x.scatter_add_(1, safe[:, None], -torch.ones_like(picked)[:, None])  # minus the one-hot of the target
+    coef = torch.where(valid, w * scale, torch.zeros_like(w))  # ignored rows: exactly zero, never 0 * inf
+    x.mul_(coef[:, None])
+    return loss, x.to(dtype)  # the gradient of the cast back to the logits' dtype (as autograd gives it)
+
+
+def _generic_dz(plan: LossPlan, z: torch.Tensor, y: torch.Tensor, tensors, scale: torch.Tensor, want_dz: bool):
+    weight = tensors[plan.class_weight] if plan.class_weight is not None else None
+
+    def shard_loss(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(plan.steps(logits), y, weight=weight, ignore_index=plan.ignore_index,
+                               reduction="sum", label_smoothing=plan.label_smoothing)
+
+    if not want_dz:
+        return shard_loss(z), None
+    loss, pullback = vjp(shard_loss, z)
+    (dz,) = pullback(scale.to(loss.dtype))
+    return loss, dz
+
+
+def forward(
+    plan: LossPlan, h: torch.Tensor, targets: torch.Tensor, tensors: Sequence[torch.Tensor], shards: int,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+    """The loss over all rows of ``h`` (``[N, H]``) and ``targets`` (``[N]``), and the gradient of that
+    loss for each input that ``needs`` one (``[h, *tensors]``; None elsewhere)."""
+    want = any(needs)
+    denom = _denominator(plan, targets, tensors)
+    scale = (1.0 / denom) if plan.reduction == "mean" else torch.ones((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if needs[0] else None
+    sums: dict[int, torch.Tensor] = {}
+    total, dtype = None, None
+    shard_dz = _fused_dz if plan.fused else _generic_dz
+    for lo, hi in shard_bounds(h.shape[0], shards):
+        x = h[lo:hi]
+        loss, dz = shard_dz(plan, mlp.linear(x, tensors, plan.head), targets[lo:hi], tensors, scale, want)
+        dtype = loss.dtype
+        total = loss.float() if total is None else total.add_(loss.float())
+        del loss
+        if dz is None:
+            continue
+        mlp.weight_grads(sums, needs[1:], tensors, plan.head, x, dz)
+        if grad_h is not None:  # a shard-sized temporary: under autocast dz is bf16 while h may be fp32
+            grad_h[lo:hi] = mlp.input_grad(dz, tensors, plan.head)
+        del dz
+    assert total is not None and dtype is not None
+    value = (total / denom if plan.reduction == "mean" else total).to(dtype)
+    grads = {0: grad_h} if grad_h is not None else {}
+    grads.update({i + 1: s.to(tensors[i].dtype) for i, s in sums.items()})
+    for i, need in enumerate(needs):
+        if need and i not in grads:  # e.g. the bias of a shard set whose rows were all ignored
+            grads[i] = torch.zeros_like(h if i == 0 else tensors[i - 1])
+    return value, [grads.get(i) for i in range(len(needs))]
