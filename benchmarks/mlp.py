@@ -5,11 +5,9 @@
     python benchmarks/mlp.py --model               # a tiny Llama with gradient checkpointing
 
 Each measurement runs in a fresh process (so one run's allocator state cannot leak into another),
-memory and time in separate processes (see ``_run_worker``), the implementations alternate within
-each round, and the table reports medians over rounds.
-Memory is the peak above the process's baseline, taken after a full warm-up step, with the weights
-allocated and the input not yet: on CPU the resident set's high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs``), on CUDA ``max_memory_allocated``. Every implementation's peak also holds
+memory and time in separate processes (``benchmarks/measure.py`` says how and why), the
+implementations alternate within each round, and the table reports medians over rounds. Memory is
+measured with the weights allocated and the input not yet. Every implementation's peak also holds
 the weight gradients (3 x H x I), which the floor leaves out. The floor is
 what any implementation must hold: input, output, output grad and input grad, ``4 x S x H x bytes``.
 """
@@ -21,48 +19,15 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import measure, run_fresh  # noqa: E402  (benchmarks/measure.py)
+
 IMPLS = ("untiled", "fxtile", "deepspeed")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field))
-
-
-def _reset_peak(device: str) -> int:
-    """Forget the process's peak so far; returns the current (baseline) bytes."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak resident set (VmHWM)
-        f.write("5")
-    return _rss_kib("VmRSS") * 1024
-
-
-def _peak(device: str) -> int:
-    import torch
-
-    return torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024
-
-
-def _measure(step, device: str, repeats: int) -> dict:
-    """Warm up with one full step (imports, compilation, allocator growth belong to the process, not to
-    the step), reset the peak, then measure one step's peak and the median time of ``repeats`` more."""
-    step()
-    step.clear()
-    base = _reset_peak(device)
-    first = step()
-    peak = _peak(device) - base
-    times = [step() for _ in range(repeats)]
-    return {"peak": peak, "time": statistics.median(times) if times else first}
 
 
 def _gated_mlp(hidden: int, inter: int, dtype, device: str):
@@ -144,7 +109,7 @@ def worker(args: argparse.Namespace) -> dict:
         step.x_grad = None
 
     step.clear = clear
-    result = _measure(step, device, args.repeats)
+    result = measure(step, device, args.repeats)
     if args.grads:
         torch.save({"x": step.x_grad.cpu(), **{n: p.grad.cpu() for n, p in module.named_parameters()}}, args.grads)
     return result
@@ -175,25 +140,17 @@ def model_worker(args: argparse.Namespace) -> dict:
         return time.perf_counter() - start
 
     step.clear = lambda: model.zero_grad(set_to_none=True)
-    return _measure(step, "cpu", args.repeats)
+    return measure(step, "cpu", args.repeats)
 
 
-def _run_worker(impl: str, args: argparse.Namespace, grads: str | None, measure: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--seq", str(args.seq), "--hidden", str(args.hidden),
+def _run_worker(impl: str, args: argparse.Namespace, grads: str | None, what: str) -> dict:
+    cmd = [__file__, "--worker", impl, "--seq", str(args.seq), "--hidden", str(args.hidden),
            "--inter", str(args.inter), "--dtype", args.dtype, "--batch", str(args.batch), "--repeats",
            str(args.repeats), "--shards", args.shards, "--device", args.device]
     cmd += ["--model"] if args.model else []
     cmd += ["--compile"] if args.compile else []
     cmd += ["--grads", grads] if grads else []
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH")])))
-    if measure == "memory" and args.device == "cpu":
-        # A fixed mmap threshold makes glibc hand every large block back on free, so ru_maxrss measures
-        # live memory rather than the allocator's free lists. It also makes every big allocation fault its
-        # pages in anew, which slows all implementations: so time is measured in a separate process
-        # with the default allocator.
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_fresh(cmd, what == "memory", args.device)
 
 
 def _max_grad_diff(a: str, b: str) -> float:

@@ -301,12 +301,14 @@ def restore(model: nn.Module) -> nn.Module:
     return model
 
 
-def tiled_regions(model: nn.Module) -> list[tuple[str, Match, TiledRegion]]:
-    """Every tiled region of ``model`` with its match and its callable, in module order (a block traced
-    per call contributes its default call's regions). Not stable; for ``fxtile.estimate`` and ``fxtile.testing``."""
+def tiled_regions(model: nn.Module) -> list[tuple[str, Match, TiledRegion, nn.Module]]:
+    """Every tiled region of ``model``: its block's path, its match, its callable and the module its tensor
+    paths are relative to, in module order (a block traced per call contributes its default call's
+    regions). Not stable; for ``fxtile.estimate`` and ``fxtile.testing``."""
     found = []
     for path, module in model.named_modules():
         state = tile_state(module)
         if state is not None:
-            found += [(path, m, r) for m, r in zip(state.matches, state.regions)]
+            owner = state.owner if state.owner is not None else module
+            found += [(path, m, r, owner) for m, r in zip(state.matches, state.regions)]
     return found

@@ -2,13 +2,14 @@
 
 Why a command: before a long-context run a user wants three answers without writing code or loading
 70B of weights. So the model is built on the **meta device** from its config (no weights allocated),
-``fxtile.transform`` plans it, :mod:`fxtile.estimate` replays each MLP on meta at the requested
+``fxtile.transform(model, loss=True)`` plans it (``--no-loss``: the MLPs only), :mod:`fxtile.estimate`
+replays each region (every MLP, the output projection and its loss) on meta at the requested
 tokens, and exactness is checked by :func:`fxtile.tiny.verify` on a tiny random model of the same
 architecture (the config, shrunk as the coverage sweep shrinks it): one training call as users make
 it, in float64 so any difference is a real error and not rounding, and every tiled block must really
 run tiled in it.
 
-Exit codes: 0 when at least one MLP is tiled and the check passes; 1 when nothing was tiled or the
+Exit codes: 0 when at least one region is tiled and the check passes; 1 when nothing was tiled or the
 check failed (the message says why); 2 for bad arguments or a model that cannot be read (one line,
 no traceback).
 
@@ -40,12 +41,13 @@ __all__ = ["main"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 DEFINITION = (
-    "MLP activation memory = bytes an MLP layer adds in training at batch x seq tokens and --dtype: what "
-    "autograd keeps from its forward until its backward, plus the peak working memory of its forward and "
-    "backward (for the tiled op: the recomputed shards, the input gradient, fp32 weight-gradient sums for "
-    "bf16/fp16). Not counted (the same with or without tiling): weights, their .grad, the MLP's input, output "
-    "and output gradient. Computed by replaying each MLP on the meta device; the total is the highest point "
-    "over the backward pass (every earlier layer still keeps its share)."
+    "activation memory = bytes a region (an MLP layer, or the output projection and its loss) adds in training "
+    "at batch x seq tokens and --dtype: what autograd keeps from its forward until its backward, plus the peak "
+    "working memory of its forward and backward (for the tiled ops: the recomputed shards, the input gradient, "
+    "fp32 weight-gradient sums for bf16/fp16; for the loss, the logits of one shard and the gradients its "
+    "forward computes). Not counted (the same with or without tiling): weights, their .grad, the region's "
+    "input, output and output gradient. Computed by replaying each region on the meta device; the total is "
+    "the highest point over the backward pass (every earlier layer still keeps its share)."
 )
 
 
@@ -88,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert", help="plan tiling for a model, check it is exact, estimate the memory saved",
         description="Plan fxtile for MODEL on the meta device (no weights loaded), check outputs and gradients "
-        "on a tiny random model of the same architecture, and estimate the MLP activation memory at SEQ_LEN. "
+        "on a tiny random model of the same architecture, and estimate the activation memory of the MLPs and "
+        "the loss head at SEQ_LEN. "
         + DEFINITION,
     )
     convert.add_argument("model", metavar="MODEL",
@@ -100,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="training dtype for the estimate (default bf16)")
     convert.add_argument("--json", metavar="PATH", help="also write the plan as JSON to PATH ('-': JSON on stdout, the report on stderr)")
     convert.add_argument("--no-verify", action="store_true", help="skip the exactness check on a tiny random model")
+    convert.add_argument("--no-loss", action="store_true",
+                         help="plan the MLPs only, not the output projection and its loss (fxtile.transform(loss=False))")
     convert.add_argument("--trust-remote-code", action="store_true",
                          help="allow a model directory's own modeling code (transformers' trust_remote_code)")
     return parser
@@ -172,7 +177,7 @@ def _roles(roles: dict[str, str]) -> str:
 
 
 def _table(matches: Matches, memory: dict[tuple[str, tuple[str, ...]], MlpMemory]) -> list[str]:
-    rows = [("module", "pattern", "roles", "shards", "MLP activation memory")]
+    rows = [("module", "pattern", "roles", "shards", "activation memory")]
     for m in matches:
         mem = memory.get((m.path, m.nodes))
         shards = str(mem.shards) if mem else "-"
@@ -204,7 +209,7 @@ def _plan_json(args, config, model: nn.Module, matches: Matches, memory, entries
         "modules": modules,
         "skipped": [{"path": s.path, "reason": s.reason} for s in matches.skipped],
         "totals": {
-            "mlps": len(matches), "tiled": sum(m.tiled for m in matches),
+            "regions": len(matches), "tiled": sum(m.tiled for m in matches),
             "activation_bytes_before": before, "activation_bytes_after": after, "saved_bytes": before - after,
         },
         "verification": None if verification is None else {
@@ -230,10 +235,11 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
         raise UsageError(f"cannot build {type(config).__name__} on the meta device: {_first_line(exc)}") from None
     tokens = args.seq_len * args.batch_size
     dtype = DTYPES[args.dtype]
+    loss = not args.no_loss
     with warnings.catch_warnings():  # "found no MLP" is reported below, with the reasons
         warnings.simplefilter("ignore")
-        transform(model, shards=args.shards)
-    matches = find(model)
+        transform(model, shards=args.shards, loss=loss)
+    matches = find(model, loss=loss)
     entries = mlp_memory(model, tokens, dtype) if any(m.tiled for m in matches) else []
     memory = {(e.path, e.nodes): e for e in entries}
     planned = time.perf_counter() - start
@@ -258,7 +264,7 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
     else:
         before, after = total_peak(entries, tiled=False), total_peak(entries, tiled=True)
         workspace = max(e.weight_grad_workspace for e in entries)
-        print(f"\ntotal: {len(entries)} of {len(matches)} MLPs tiled; MLP activation memory at the backward peak "
+        print(f"\ntotal: {len(entries)} of {len(matches)} regions tiled; activation memory at the backward peak "
               f"{human(before)} -> {human(after)} (saves {human(before - after)}, {100 * (before - after) / before:.0f}%)",
               file=out)
         if workspace:
@@ -268,7 +274,7 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
             print("\nexactness: not checked (--no-verify)", file=out)
         else:
             print("\nchecking exactness on a tiny random model of the same architecture...", end="", file=err, flush=True)
-            verification = verify(config, trust_remote_code=args.trust_remote_code)
+            verification = verify(config, loss=loss, trust_remote_code=args.trust_remote_code)
             print(f" {'ok' if verification.passed else 'FAILED'} ({verification.seconds:.1f} s)", file=err, flush=True)
             if verification.passed:
                 print(f"\nexactness: passed: {verification.detail}, max relative error {verification.max_error:.1e}",

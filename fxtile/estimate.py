@@ -42,6 +42,7 @@ from passes.trace import get_path
 
 from . import op
 from .api import tiled_regions
+from .kernels import loss as loss_kernel
 from .kernels.shards import shard_bounds
 from .region import TiledRegion
 
@@ -129,10 +130,11 @@ def _replay(
     grads = [t.grad for t in tensors if t.grad is not None]
     x_dtype = dtype or next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     x = torch.empty(tokens, region.region.hidden_size, device="meta", dtype=x_dtype, requires_grad=True)
+    rows = [x] + [torch.empty(tokens, dtype=torch.long, device="meta") for p in region.region.inputs[1:]]  # targets
     shards = len(shard_bounds(tokens, int(region.shards_for(tokens))))  # the op's own clamping
 
-    with _LiveBytes([x, *tensors, *grads]) as counter:  # untiled: the region under autograd
-        y = region.region.run([x], tensors, _training(region))
+    with _LiveBytes([*rows, *tensors, *grads]) as counter:  # untiled: the region under autograd
+        y = region.region.run(rows, tensors, _training(region))
         dy = torch.empty_like(y)
         out_bytes = 2 * y.untyped_storage().nbytes()  # the output and its incoming gradient
         kept_before = counter.live - out_bytes
@@ -141,18 +143,27 @@ def _replay(
         del y, dy
     if shards == 1:  # the tiled call runs the region directly: nothing changes
         return shards, kept_before, peak_before, kept_before, peak_before, 0
-    kept_after, peak_after = _replay_tiled(region, x, tensors, shards, weight_grads=True)
-    _, without = _replay_tiled(region, x, tensors, shards, weight_grads=False)
+    kept_after, peak_after = _replay_tiled(region, rows, tensors, shards, weight_grads=True)
+    _, without = _replay_tiled(region, rows, tensors, shards, weight_grads=False)
     return shards, kept_before, peak_before, kept_after, peak_after, max(0, peak_after - without)
 
 
 def _replay_tiled(
-    region: TiledRegion, x: torch.Tensor, tensors: list[torch.Tensor], shards: int, weight_grads: bool,
+    region: TiledRegion, rows: list[torch.Tensor], tensors: list[torch.Tensor], shards: int, weight_grads: bool,
 ) -> tuple[int, int]:
     """(kept, peak) of the op's own forward and backward kernels, run as autograd runs them."""
-    x_in, t_in = x.detach(), [t.detach() for t in tensors]
+    x_in, t_in = rows[0].detach(), [t.detach() for t in tensors]
     grads = [t.grad for t in tensors if t.grad is not None]
     needs = [True] + [weight_grads and t.requires_grad for t in tensors]
+    if region.region.loss is not None:  # the loss op: every gradient computed in its forward, kept until backward
+        with _LiveBytes([x_in, *rows[1:], *t_in, *grads]) as counter, torch.no_grad():
+            _, result = loss_kernel.forward(region.region.loss, x_in, rows[1], t_in, shards, needs)
+            kept = counter.live
+            for tensor, need, grad in zip(tensors, needs[1:], result[1:]):
+                if need and grad is not None:
+                    tensor.grad.add_(grad)  # backward scales them in place and hands them over
+            del result
+            return kept, counter.peak
     with _LiveBytes([x_in, *t_in, *grads]) as counter, torch.no_grad():  # as in the op's kernel
         y = op.forward_kernel(region.region, [x_in], t_in, shards, _training(region))
         dy = torch.empty_like(y)
@@ -186,10 +197,9 @@ def mlp_memory(model: nn.Module, tokens: int, dtype: Optional[torch.dtype] = Non
     cache: dict[tuple, tuple[int, ...]] = {}
     found = []
     regions = tiled_regions(model)
-    for path, match, region in regions:
-        if len(region.region.inputs) != 1:  # an expert bank's three routed inputs: not replayed
+    for path, match, region, owner in sorted(regions, key=lambda r: r[2].region.loss is not None):  # loss last
+        if region.region.loss is None and len(region.region.inputs) != 1:  # an expert bank's routed inputs: not replayed
             continue
-        owner = model.get_submodule(path)
         tensors = [get_path(owner, name) for name in region.tensor_paths]
         template = region.region.template
         key = (getattr(template, "code", type(template).__name__), region.policy,

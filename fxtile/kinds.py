@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import types
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
@@ -36,7 +35,7 @@ from passes.match import find_candidates
 from passes.patterns import Candidate, Pattern
 from passes.region import MODULE_HOOKS, build_region
 from passes.rewrite import rewrite
-from passes.specialize import ROOT, CallSpec, Traced, bound_signature, call_spec, default_spec, probe_specs, trace_call
+from passes.specialize import ROOT, Binder, CallSpec, Traced, bound_signature, call_spec, default_spec, probe_specs, trace_call
 from passes.trace import get_path, module_stack, outside_modules, trace
 
 from .policy import ShardPolicy
@@ -112,6 +111,7 @@ class TileState:
     policy: ShardPolicy
     per_call: Optional["PerCall"] = None
     refused: list[Skipped] = field(default_factory=list)  # regions of this block the self-check refused
+    owner: Optional[nn.Module] = None  # what the regions' tensor paths are relative to (default: the module)
 
     def __deepcopy__(self, memo: dict) -> "TileState":  # deep copies share regions (structure only)
         return TileState(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)})
@@ -200,15 +200,28 @@ def _warn_about_hooks(path: str, root: nn.Module, gm: fx.GraphModule, cand: Cand
 
 def tile_graph(
     path: str, gm: fx.GraphModule, candidates: list[Candidate], policy: ShardPolicy, verify: bool,
-    root: nn.Module, prefix: str = "", method: str = "forward",
+    root: nn.Module, prefix: str = "", method: str = "forward", checked: Optional[dict] = None,
 ) -> tuple[list[Match], list[TiledRegion], list[Skipped]]:
-    """Build each region once, check it, and rewrite ``gm`` with the regions that pass (in place)."""
+    """Build each region once, check it, and rewrite ``gm`` with the regions that pass (in place).
+
+    ``checked``: verdicts of regions this block already checked, by code and tensor shapes; a block
+    traced per call builds the same region again for other call signatures, and checks it once (at
+    transform, before any wrapper such as FSDP's swaps its parameters for views mid-forward)."""
     matches, regions, skipped, kept = [], [], [], []
     for i, cand in enumerate(candidates):
         region = build_region(gm, cand, f"{cand.pattern}_{i}")
         tiled = (TiledLoss if region.loss is not None else TiledRegion)(region, policy)
-        check = check_region(tiled, [get_path(gm, p) for p in tiled.tensor_paths]) if verify else \
-            Check(None, None, "not verified (verify=False)")
+        tensors = [get_path(root, p) for p in tiled.tensor_paths]
+        modes = tiled.live_modes([get_path(root, p) for p in tiled.module_paths])
+        key = (region.template.code, tiled.tensor_paths, tuple((tuple(t.shape), t.dtype) for t in tensors), tuple(modes))
+        if not verify:
+            check = Check(None, None, "not verified (verify=False)")
+        elif checked is not None and key in checked:
+            check = checked[key]
+        else:
+            check = check_region(tiled, tensors, modes)
+            if checked is not None:
+                checked[key] = check
         if check.passed is False:
             skipped.append(Skipped(path, f"{cand.pattern} region {', '.join(n.name for n in cand.nodes)}: {check.detail}"))
             continue
@@ -281,7 +294,8 @@ class ExpertBank(BlockKind):
     def build(self, planned, policy, verify):
         bank: ExpertsMatch = planned.payload
         tiled = TiledRegion(bank_region(planned.module, bank, "routed_experts_0"), policy)
-        check = check_region(tiled, [get_path(planned.module, p) for p in tiled.tensor_paths]) if verify else \
+        modes = tiled.live_modes([get_path(planned.module, p) for p in tiled.module_paths])
+        check = check_region(tiled, [get_path(planned.module, p) for p in tiled.tensor_paths], modes) if verify else \
             Check(None, None, "not verified (verify=False)")
         if check.passed is False:
             return [Skipped(planned.path, f"expert bank: {check.detail}")]
@@ -315,9 +329,17 @@ class _SpecCache(OrderedDict):
 
 @dataclass
 class _Entry:
+    """One call signature's tiled graph. It runs as ``graph_module``'s code on ``root`` (the wrapper that
+    holds the live block), never on the graph module's own attributes: those are the tensors seen at
+    trace time, and FSDP swaps a module's parameters for unsharded views on every forward."""
+
     graph_module: fx.GraphModule
+    root: nn.Module
     out_spec: pytree.TreeSpec
     regions: list[TiledRegion]
+
+    def __call__(self, inputs: list):
+        return pytree.tree_unflatten(type(self.graph_module).forward(self.root, *inputs), self.out_spec)
 
 
 @dataclass(frozen=True)
@@ -336,17 +358,23 @@ class PerCall:
     path: str
     attr: str
     original: Callable  # the class's function for ``attr``
-    signature: inspect.Signature
+    binder: Binder
     leaves: frozenset
     patterns: tuple
     policy: ShardPolicy
     verify: bool
+    checked: dict = field(default_factory=dict)  # self-check verdicts by region (see tile_graph)
     cache: _SpecCache = field(default_factory=_SpecCache)
     untiled_calls: int = 0
     warned: bool = False
 
     def entry(self, module: nn.Module, spec: CallSpec) -> Union[_Entry, _Untiled]:
         found = self.cache.get(spec.key)
+        if found is None and torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"fxtile: {self.path or '(root)'} is traced per call signature and meets a new one inside torch.compile, "
+                "which cannot trace it; run one step eagerly before compiling (each call signature is traced once)"
+            )
         if found is None:
             found = self._build(module, spec)
             self.cache[spec.key] = found
@@ -367,10 +395,10 @@ class PerCall:
             reason = rejections[0].reason if rejections else "no region in the graph of this call"
             return _Untiled(reason, warn=not expected)
         _, regions, skipped = tile_graph(self.path, traced.graph_module, candidates, self.policy, self.verify,
-                                         traced.root, ROOT, self.attr)
+                                         traced.root, ROOT, self.attr, self.checked)
         if not regions:
             return _Untiled("; ".join(s.reason for s in skipped))
-        return _Entry(traced.graph_module, traced.out_spec, regions)
+        return _Entry(traced.graph_module, traced.root, traced.out_spec, regions)
 
     def entries(self) -> list[_Entry]:
         """Every call graph built so far."""
@@ -393,17 +421,16 @@ def _per_call_forward(self: nn.Module, *args, **kwargs):
     """The installed forward (or method) of a block traced per call: this call's tiled graph, or the
     class's own code with a warning when there is none."""
     per_call: PerCall = self.__dict__[STATE].per_call
-    original = types.MethodType(per_call.original, self)
-    keyed = call_spec(per_call.signature, self, args, kwargs)
+    keyed = call_spec(per_call.binder, self, args, kwargs)
     if isinstance(keyed, str):
         per_call.untiled(keyed)
-        return original(*args, **kwargs)
+        return per_call.original(self, *args, **kwargs)
     spec, inputs = keyed
     entry = per_call.entry(self, spec)
     if isinstance(entry, _Untiled):
         per_call.untiled(entry.reason, entry.warn)
-        return original(*args, **kwargs)
-    return pytree.tree_unflatten(entry.graph_module(*inputs), entry.out_spec)
+        return per_call.original(self, *args, **kwargs)
+    return entry(inputs)
 
 
 class PerCallBlock(BlockKind):
@@ -451,14 +478,15 @@ class PerCallBlock(BlockKind):
         module, attr = planned.module, planned.attr
         spec, traced, patterns, candidates = planned.payload
         function = getattr(type(module), attr)
+        checked: dict = {}
         matches, regions, skipped = tile_graph(planned.path, traced.graph_module, candidates, policy, verify,
-                                               traced.root, ROOT, attr)
+                                               traced.root, ROOT, attr, checked)
         if not regions:
             return skipped
-        per_call = PerCall(planned.path, attr, function, bound_signature(module, function), traced.leaves,
-                           patterns, policy, verify)
-        per_call.cache[spec.key] = _Entry(traced.graph_module, traced.out_spec, regions)
-        return TileState(self.name, attr, _per_call_forward, matches, regions, policy, per_call, skipped)
+        per_call = PerCall(planned.path, attr, function, Binder.of(bound_signature(module, function)), traced.leaves,
+                           patterns, policy, verify, checked)
+        per_call.cache[spec.key] = _Entry(traced.graph_module, traced.root, traced.out_spec, regions)
+        return TileState(self.name, attr, _per_call_forward, matches, regions, policy, per_call, skipped, traced.root)
 
 
 class MethodBlock(PerCallBlock):

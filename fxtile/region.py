@@ -153,6 +153,11 @@ class TiledRegion:
                     "before such changes and fxtile.transform(model) after them"
                 )
 
+    @staticmethod
+    def live_modes(modules: Sequence[nn.Module]) -> list[bool]:
+        """The train/eval modes the call runs its template in: its live modules', in ``Region.moded`` order."""
+        return [m.training for module in modules for m in module.modules()]
+
     def run_tiled(
         self, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], modes: Sequence[bool], shards: int
     ) -> torch.Tensor:
@@ -167,7 +172,7 @@ class TiledRegion:
         self, inputs: Sequence[torch.Tensor], modules: Sequence[nn.Module], tensors: Sequence[torch.Tensor]
     ) -> torch.Tensor:
         self._check_modules(modules)
-        modes = [m.training for module in modules for m in module.modules()]
+        modes = self.live_modes(modules)
         lead = inputs[0].shape[:-1] if self.region.inputs[0].width is not None else inputs[0].shape
         rows = [t.reshape(lead.numel(), *t.shape[len(lead):]) for t in inputs]
         shards = self.shards_for(rows[0].shape[0])
@@ -204,7 +209,7 @@ class TiledLoss(TiledRegion):
 
     def __call__(self, inputs, modules, tensors):
         self._check_modules(modules)
-        modes = [m.training for module in modules for m in module.modules()]
+        modes = self.live_modes(modules)
         h, targets = inputs
         if not self.region.loss.flattened and h.dim() != 2:
             return self._untiled(f"its logits are {h.dim()}-D and never flattened to rows", inputs, tensors, modes)

@@ -47,7 +47,7 @@ def tiled_tensors(model: nn.Module) -> list:
         if state.per_call is None:
             found += [get_path(module, p) for r in state.regions for p in r.tensor_paths]
         else:
-            found += [get_path(e.graph_module, p) for e in state.per_call.entries() for r in e.regions for p in r.tensor_paths]
+            found += [get_path(e.root, p) for e in state.per_call.entries() for r in e.regions for p in r.tensor_paths]
     return found
 
 

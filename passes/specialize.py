@@ -38,7 +38,7 @@ from fxtile.modes import modes_of
 
 from .trace import LeafTracer, first_line, graph_module
 
-__all__ = ["CallSpec", "ROOT", "Traced", "bound_signature", "call_spec", "default_spec", "probe_specs", "trace_call"]
+__all__ = ["Binder", "CallSpec", "ROOT", "Traced", "bound_signature", "call_spec", "default_spec", "probe_specs", "trace_call"]
 
 _MAX_LEAVES = 8
 _ATOMS = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
@@ -68,19 +68,53 @@ def _leaf_layout(value: Any, inputs: list, objects: list) -> Any:
     return ("O", type(value))
 
 
-def call_spec(signature: inspect.Signature, module: nn.Module, args: tuple, kwargs: dict) -> tuple[CallSpec, list] | str:
+@dataclass(frozen=True)
+class Binder:
+    """A forward's parameters, read once from its signature, so binding a call is plain Python (which
+    dynamo traces under ``torch.compile(fullgraph=True)``; ``inspect.Signature.bind`` it does not)."""
+
+    params: tuple[tuple[str, Any, Any], ...]  # (name, kind, default) in signature order
+
+    @staticmethod
+    def of(signature: inspect.Signature) -> "Binder":
+        return Binder(tuple((p.name, p.kind, p.default) for p in signature.parameters.values()))
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any] | str:
+        """Argument name -> value, defaults applied, as ``Signature.bind`` + ``apply_defaults``; or why not."""
+        empty, P = inspect.Parameter.empty, inspect.Parameter
+        pending, named, bound = list(args), dict(kwargs), {}
+        for name, kind, default in self.params:
+            if kind is P.VAR_POSITIONAL:
+                bound[name], pending = tuple(pending), []
+            elif kind is P.VAR_KEYWORD:
+                bound[name], named = named, {}
+            elif kind is not P.KEYWORD_ONLY and pending:
+                if name in named:
+                    return f"multiple values for argument {name!r}"
+                bound[name] = pending.pop(0)
+            elif kind is not P.POSITIONAL_ONLY and name in named:
+                bound[name] = named.pop(name)
+            elif default is not empty:
+                bound[name] = default
+            else:
+                return f"missing a required argument: {name!r}"
+        if pending or named:
+            return f"unexpected arguments: {len(pending)} positional, {sorted(named)}"
+        return bound
+
+
+def call_spec(binder: Binder, module: nn.Module, args: tuple, kwargs: dict) -> tuple[CallSpec, list] | str:
     """The call's spec and its inputs in order, or why it cannot be keyed."""
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        return f"its arguments do not bind to {signature} ({exc})"
-    bound.apply_defaults()
+    bound = binder.bind(args, kwargs)
+    if isinstance(bound, str):
+        return f"its arguments do not bind to the forward ({bound})"
+    kinds = {name: kind for name, kind, _ in binder.params}
     inputs: list = []
     objects: list = []
     layout = []
-    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values())
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
+    variadic = inspect.Parameter.VAR_POSITIONAL in kinds.values()
+    for name, value in bound.items():
+        kind = kinds[name]
         if kind is inspect.Parameter.VAR_KEYWORD:
             items = tuple((key, _leaf_layout(value[key], inputs, objects)) for key in sorted(value))
             layout.append((name, "**", items))
@@ -114,7 +148,7 @@ def default_spec(module: nn.Module, forward: Callable | None = None) -> tuple[Ca
     if not required:
         return None
     with torch.enable_grad():
-        found = call_spec(signature, module, tuple(torch.empty(0) for _ in required), {})
+        found = call_spec(Binder.of(signature), module, tuple(torch.empty(0) for _ in required), {})
     return None if isinstance(found, str) else found
 
 
@@ -134,7 +168,7 @@ def probe_specs(module: nn.Module, forward: Callable | None = None) -> list[tupl
         for p in params:
             if p.default is not None or p.name in base or p.kind is p.POSITIONAL_ONLY:
                 continue
-            found = call_spec(signature, module, args, {**base, p.name: torch.empty(0)})
+            found = call_spec(Binder.of(signature), module, args, {**base, p.name: torch.empty(0)})
             if not isinstance(found, str):
                 specs.append(found)
     return specs

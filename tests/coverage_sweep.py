@@ -85,6 +85,7 @@ class Result:
     max_error: Optional[float] = None
     detail: str = ""
     seconds: float = 0.0
+    loss: str = ""  # with --loss: "tiled", or why the head and loss were not (a second call, loss=True)
 
 
 def _decoder_layers(model, ran: set[str] | None = None) -> list:
@@ -137,9 +138,25 @@ def _layer_coverage(model, layers: list, widths: set[int]) -> tuple[int, int, li
     return tiled, no_ffn, per_layer, "; ".join(missing_all)
 
 
-def check(model_type: str) -> Result:
+def check_loss(config, cls) -> str:
+    """``"tiled"`` when ``transform(model, loss=True)`` tiles the model's own head and loss, that call runs
+    them tiled, and the loss and every parameter gradient equal the untouched model's; else why not."""
+    found = tiny.verify(config, shards=SHARDS, cls=cls, loss=True, keep_model=True)
+    if found.status != "passed":
+        return f"{found.status}: {found.detail}"
+    heads = [m.path for m in fxtile.find(found.model, loss=True) if m.tiled and m.pattern == "linear_cross_entropy"]
+    if not heads:
+        why = [s.reason for s in fxtile.find(found.model, loss=True).skipped if "cross" in s.reason or "loss" in s.reason]
+        return "not found" + (f": {why[0]}" if why else ": no projection reaches a cross-entropy through row-wise steps")
+    if any(h in found.idle for h in heads):
+        return f"untiled-call: {heads[0] or 'the root'} did not run tiled in the training call"
+    return "tiled"
+
+
+def check(model_type: str, loss: bool = False) -> Result:
     """Verify one architecture with :func:`fxtile.tiny.verify` (a default training call, meant to run in
-    its own process), then check with the shape oracle that every decoder layer's feed-forward was tiled."""
+    its own process), then check with the shape oracle that every decoder layer's feed-forward was tiled.
+    ``loss``: also verify the head and loss tiled (:func:`check_loss`)."""
     start = time.time()
     cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
     result = Result(model_type, cls_name, "build-failed")
@@ -148,6 +165,11 @@ def check(model_type: str) -> Result:
     except Exception as exc:  # noqa: BLE001 - the reason is the result
         result.detail = _reason(exc)
         return _done(result, start)
+    if loss:
+        try:
+            result.loss = check_loss(config, getattr(transformers, cls_name))
+        except Exception as exc:  # noqa: BLE001
+            result.loss = f"crashed: {_reason(exc)}"
     found = tiny.verify(config, shards=SHARDS, cls=getattr(transformers, cls_name), keep_model=True)
     result.max_error, result.detail = found.max_error, found.detail
     if found.status in ("build-failed", "run-failed", "transform-failed", "mismatch", "untiled-call"):
@@ -203,12 +225,12 @@ def _reason(exc: BaseException, tb: bool = False) -> str:
 # Process pool: fork per architecture (imports are inherited), cap memory, time out.
 
 
-def _child(model_type: str, write_fd: int, mem_bytes: int) -> None:
+def _child(model_type: str, write_fd: int, mem_bytes: int, loss: bool) -> None:
     try:
         soft = _vm_size() + mem_bytes
         resource.setrlimit(resource.RLIMIT_AS, (soft, soft))
         torch.set_num_threads(1)
-        result = check(model_type)
+        result = check(model_type, loss)
     except BaseException as exc:  # noqa: BLE001 - MemoryError and friends become a row
         result = Result(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], "crashed", detail=_reason(exc))
     with os.fdopen(write_fd, "w") as pipe:
@@ -224,7 +246,7 @@ def _vm_size() -> int:
 
 
 def sweep(archs: list[str], workers: int = 2, timeout: float = 120.0, mem_gb: float = 3.0,
-          progress: bool = False) -> list[Result]:
+          progress: bool = False, loss: bool = False) -> list[Result]:
     """Run :func:`check` for each architecture in a forked child, ``workers`` at a time."""
     pending = list(archs)
     running: dict[int, tuple[str, int, float]] = {}  # pid -> (arch, read fd, start)
@@ -238,7 +260,7 @@ def sweep(archs: list[str], workers: int = 2, timeout: float = 120.0, mem_gb: fl
                 os.close(read_fd)
                 code = 0
                 try:
-                    _child(arch, write_fd, int(mem_gb * 2**30))
+                    _child(arch, write_fd, int(mem_gb * 2**30), loss)
                 except BaseException:  # noqa: BLE001
                     code = 1
                 os._exit(code)
@@ -285,23 +307,29 @@ def summary(results: list[Result]) -> dict:
     built = [r for r in results if r.status not in ("build-failed", "run-failed", "no-ffn")]
     tiled = [r for r in built if r.status == "tiled"]
     return {"registered": len(results), "built": len(built), "tiled_every_layer_exact": len(tiled),
-            "percent": round(100.0 * len(tiled) / max(1, len(built)), 1)}
+            "percent": round(100.0 * len(tiled) / max(1, len(built)), 1),
+            "loss_tiled_exact": sum(r.loss == "tiled" for r in built)}
 
 
 def format_table(results: list[Result]) -> str:
-    rows = ["| architecture | class | patterns per layer | status | max error | note |", "|---|---|---|---|---|---|"]
+    with_loss = any(r.loss for r in results)
+    rows = ["| architecture | class | patterns per layer | status | max error | note |" + (" loss head |" if with_loss else ""),
+            "|---|---|---|---|---|---|" + ("---|" if with_loss else "")]
     for r in results:
         pats = "; ".join("+".join(p) or "-" for p in r.patterns) if r.patterns else ""
         err = f"{r.max_error:.1e}" if r.max_error is not None else ""
         status = r.status if r.status != "tiled" else f"tiled {r.tiled_layers}/{r.layers}"
         if r.status == "partial":
             status = f"partial {r.tiled_layers}/{r.layers}"
-        rows.append(f"| {r.arch} | {r.cls} | {pats} | {status} | {err} | {r.detail.replace('|', '/')[:150]} |")
+        loss = f" {r.loss.replace('|', '/')[:150]} |" if with_loss else ""
+        rows.append(f"| {r.arch} | {r.cls} | {pats} | {status} | {err} | {r.detail.replace('|', '/')[:150]} |{loss}")
     s = summary(results)
     rows.append("")
     rows.append(f"{s['registered']} registered, {s['built']} build and run from a tiny config and have feed-forward layers, "
                 f"{s['tiled_every_layer_exact']} tiled in every layer with exact logits and gradients "
-                f"({s['percent']}% of those that build).")
+                f"({s['percent']}% of those that build)."
+                + (f" With loss=True, the head and loss are tiled with exact loss and gradients in {s['loss_tiled_exact']} "
+                   f"of those {s['built']}." if with_loss else ""))
     return "\n".join(rows)
 
 
@@ -312,10 +340,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per architecture")
     parser.add_argument("--mem-gb", type=float, default=3.0, help="address-space cap per worker, on top of the imports")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--loss", action="store_true", help="also tile and verify each head and loss (loss=True)")
     args = parser.parse_args(argv)
     archs = args.archs or list(architectures())
     start = time.time()
-    results = sweep(archs, args.workers, args.timeout, args.mem_gb, progress=True)
+    results = sweep(archs, args.workers, args.timeout, args.mem_gb, progress=True, loss=args.loss)
     print(format_table(results))
     print(f"\nsweep time: {time.time() - start:.0f} s with {args.workers} workers")
     if args.json:

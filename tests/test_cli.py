@@ -39,7 +39,7 @@ def test_llama_default_config_plans_32_mlps_at_128k_tokens_in_seconds(capsys, tm
     assert elapsed < 60, f"planning took {elapsed:.0f} s"
     plan = json.loads(path.read_text())
     assert plan["class"] == "LlamaForCausalLM" and plan["tokens"] == 131072 and plan["dtype"] == "bf16"
-    modules = plan["modules"]
+    modules = [m for m in plan["modules"] if m["pattern"] != "linear_cross_entropy"]
     assert [m["path"] for m in modules] == [f"model.layers.{i}.mlp" for i in range(32)]
     for m in modules:
         assert m["tiled"] and m["pattern"] == "gated"
@@ -49,13 +49,39 @@ def test_llama_default_config_plans_32_mlps_at_128k_tokens_in_seconds(capsys, tm
         assert m["kept_bytes_before"] == 4 * 131072 * 11008 * 2
         assert m["kept_bytes_after"] == 0
         assert m["activation_bytes_after"] < m["activation_bytes_before"] / 3
+    (head,) = [m for m in plan["modules"] if m["pattern"] == "linear_cross_entropy"]
+    assert head["path"] == "" and head["roles"] == {"head": "lm_head"} and head["tiled"]
     totals = plan["totals"]
-    assert totals["mlps"] == totals["tiled"] == 32
-    assert totals["activation_bytes_before"] == 31 * modules[0]["kept_bytes_before"] + modules[0]["activation_bytes_before"]
+    assert totals["regions"] == totals["tiled"] == 33
+    # backward starts with the loss, while every MLP still keeps what its backward needs
+    assert totals["activation_bytes_before"] == 32 * modules[0]["kept_bytes_before"] + head["activation_bytes_before"]
     assert plan["verification"]["passed"] is True and plan["exit_code"] == 0
     text = " ".join(out.split())
     assert "model.layers.31.mlp" in out and "GiB ->" in out and "Not counted" in text and "exactness: passed" in out
     assert "checking exactness" in err  # the progress line
+
+
+def test_the_logits_term_at_128k_tokens_with_a_128256_token_vocabulary(capsys, tmp_path):
+    import transformers as T
+
+    T.LlamaConfig(vocab_size=128256).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "convert", str(tmp_path), "--seq-len", "131072", "--json", "-", "--no-verify")
+    assert code == 0, err
+    plan = json.loads(out)
+    (head,) = [m for m in plan["modules"] if m["pattern"] == "linear_cross_entropy"]
+    tokens, hidden, vocab = 131072, 4096, 128256
+    # untiled, cross_entropy keeps its fp32 log-softmax for backward: 4 bytes x tokens x vocab (67 GB)
+    assert abs(head["kept_bytes_before"] - 4 * tokens * vocab) <= 64
+    # tiled: no logits; the gradients its forward computed (bf16 d hidden states, bf16 d weight) until backward
+    assert abs(head["kept_bytes_after"] - 2 * (tokens * hidden + vocab * hidden)) <= 64
+    assert head["activation_bytes_after"] < head["activation_bytes_before"] / 20
+    assert head["shards"] == fxtile.ShardPolicy().loss_count(tokens, hidden, vocab)
+    assert "linear_cross_entropy" in err and "head=lm_head" in err
+
+
+def test_no_loss_plans_the_mlps_only(capsys):
+    code, out, err = run(capsys, "convert", "llama", "--seq-len", "4096", "--no-loss", "--no-verify")
+    assert code == 0 and "linear_cross_entropy" not in out and "model.layers.31.mlp" in out
 
 
 def test_a_local_model_directory_is_planned_and_verified(capsys, tmp_path):
@@ -66,8 +92,9 @@ def test_a_local_model_directory_is_planned_and_verified(capsys, tmp_path):
     assert code == 0, err
     plan = json.loads(out)  # stdout is the JSON alone; the report went to stderr
     assert "transformer.h.2.mlp" in err
-    assert [m["path"] for m in plan["modules"]] == [f"transformer.h.{i}.mlp" for i in range(3)]
-    assert {m["pattern"] for m in plan["modules"]} == {"plain"} and {m["shards"] for m in plan["modules"]} == {4}
+    mlps = [m for m in plan["modules"] if m["pattern"] != "linear_cross_entropy"]
+    assert [m["path"] for m in mlps] == [f"transformer.h.{i}.mlp" for i in range(3)]
+    assert {m["pattern"] for m in mlps} == {"plain"} and {m["shards"] for m in mlps} == {4}
     assert plan["verification"]["passed"] and "equal (float64)" in plan["verification"]["detail"]
 
 
@@ -119,7 +146,7 @@ def test_nothing_to_tile_exits_1_and_says_why(capsys, tmp_path):
     import transformers as T
 
     T.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=100).save_pretrained(tmp_path)  # no MLP at all
-    code, out, err = run(capsys, "convert", str(tmp_path), "--seq-len", "512")
+    code, out, err = run(capsys, "convert", str(tmp_path), "--seq-len", "512", "--no-loss")
     assert code == 1
     assert "nothing to tile" in err
 
@@ -127,7 +154,7 @@ def test_nothing_to_tile_exits_1_and_says_why(capsys, tmp_path):
 def test_a_failing_exactness_check_exits_1(capsys, monkeypatch):
     # a broken op: the last row of every call is never computed
     monkeypatch.setattr(fxtile.kernels.shards, "shard_bounds", lambda rows, shards: [(0, rows // 2), (rows // 2, rows - 1)])
-    code, out, err = run(capsys, "convert", "llama", "--seq-len", "4096")
+    code, out, err = run(capsys, "convert", "llama", "--seq-len", "4096", "--no-loss")
     assert code == 1 and "exactness check failed" in err and "differ" in err
 
 

@@ -108,3 +108,86 @@ def test_compiled_tiled_mlp_keeps_the_callers_autocast():
         expected, got = untiled(x), tiled(x)
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# --- the loss head (loss=True) ------------------------------------------------------------------------
+
+
+def test_tiny_llama_with_its_loss_tiled_compiles_fullgraph_and_matches_eager():
+    model = tiny_causal_lm("llama").train()
+    tiled = fxtile.transform(copy.deepcopy(model), shards=3, loss=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(tiled, fullgraph=True, backend=counter)
+    ids = torch.randint(0, 97, (2, 13))
+    out = compiled(input_ids=ids, labels=ids)
+    assert out.logits is None
+    out.loss.backward()
+    ref = model(input_ids=ids, labels=ids).loss
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref)
+    for (name, p), q in zip(model.named_parameters(), tiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    assert counter.frame_count == 1, "one graph: the tiled MLPs and the tiled loss add no break"
+    ops = [str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum(t.startswith("fxtile.tiled_cross_entropy") for t in ops) == 1
+
+
+class _LossOnly(torch.nn.Module):
+    def __init__(self, hidden, vocab):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, h, y):
+        return torch.nn.functional.cross_entropy(self.head(h).float().view(-1, self.head.out_features), y.view(-1))
+
+
+def test_compiled_tiled_loss_keeps_no_logits_for_backward():
+    """What the compiled graphs keep for backward: the untiled one a tokens x vocab tensor, the tiled one
+    the gradients its forward computed (of the hidden states and of the head weight) and nothing else."""
+    torch.manual_seed(0)
+    tokens, hidden, vocab = 2048, 32, 1000
+    model = _LossOnly(hidden, vocab)
+    h = torch.randn(tokens, hidden, requires_grad=True)
+    y = torch.randint(0, vocab, (tokens,))
+
+    def saved(fn):
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn(h, y)
+        loss.backward()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(v for k, v in seen.items() if k not in params)
+
+    untiled = saved(torch.compile(copy.deepcopy(model), fullgraph=True))
+    tiled = saved(torch.compile(fxtile.transform(copy.deepcopy(model), shards=8, loss=True), fullgraph=True))
+    assert untiled >= tokens * vocab * 4, "the untiled compiled graph keeps the logits"
+    assert tiled <= (tokens * hidden + vocab * hidden) * 4 + 4096, f"tiled compiled graph kept {tiled} bytes"
+
+
+def test_a_layer_traced_per_call_compiles_fullgraph_after_one_eager_step():
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = T.OPTConfig(hidden_size=32, ffn_dim=72, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                         max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0)
+    model = T.OPTForCausalLM(config).train()
+    tiled = fxtile.transform(copy.deepcopy(model), shards=3, loss=True)
+    ids = torch.randint(3, 100, (2, 9))
+    tiled(input_ids=ids, labels=ids).loss.backward()  # the eager step traces this call signature
+    tiled.zero_grad()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    out = torch.compile(tiled, fullgraph=True, backend=counter)(input_ids=ids, labels=ids)
+    out.loss.backward()
+    ref = model(input_ids=ids, labels=ids).loss
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref)
+    for (name, p), q in zip(model.named_parameters(), tiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="fxtile|Observed exception"):  # a new signature: says to run it eagerly
+        torch.compile(tiled, fullgraph=True, backend="aot_eager")(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))

@@ -135,13 +135,21 @@ def test_one_step_matches_single_process_untiled_step(launch, setup, case):
     spec = common.CASES[case]
     layers = common.CONFIG["num_hidden_layers"]
     mlps = [f"model.layers.{i}.mlp" for i in range(layers)]
-    assert r["tiled"] == mlps, "both MLPs must be tiled to actually perform the test"
+    assert r["tiled"] == ([""] if spec.loss else []) + mlps, "both MLPs (and the loss) must be tiled to perform the test"
 
     # Every tiled call on each rank used that rank's own count (forward twice per layer under
     # checkpointing: once more in the recompute of the checkpointed layer), and backward recomputed it.
     calls = 2 if spec.checkpointing else 1
     expected = [_expected_shards(spec, rank) for rank in range(common.WORLD)]
-    assert r["shard_counts"] == [{m: (calls, calls * n, 1, n) for m in mlps} for n in expected], (r["shard_counts"], expected)
+    assert r["warnings"] == [[], []], "no tiled block may run untiled on any rank"
+    counts = [{m: (calls, calls * n, 1, n) for m in mlps} for n in expected]
+    if spec.loss:  # one call; its shards compute the gradients in forward; backward hands them over once
+        for rank, count in enumerate(counts):
+            rows = common.BATCH * spec.seq_lens[rank]
+            loss_shards = int(spec.shards.loss_count(rows, common.CONFIG["hidden_size"], common.CONFIG["vocab_size"]))
+            assert loss_shards > 1
+            count[""] = (1, loss_shards, 1, 0)
+    assert r["shard_counts"] == counts, (r["shard_counts"], expected)
     assert all(n > 1 for n in expected), "every rank must really tile"
     if case.startswith("ragged"):
         assert expected[0] != expected[1], "the ragged case must give the ranks different shard counts"

@@ -197,6 +197,10 @@ def test_qlora_on_bitsandbytes_projections_is_tiled_and_exact(kind):
     lora = _lora(_quantized_llama(kind)).train()
     assert lora.base_model.model.model.layers[0].mlp.gate_proj.base_layer.weight.dtype in (torch.uint8, torch.int8)
     tiled = tiled_copy(lora, shards=3)
+    # the self-check ran in training, as the model will: bitsandbytes' CPU eval path would have repacked the
+    # 4-bit weights (and computes in bf16) on CPUs with AVX512-BF16
+    weight = tiled.base_model.model.model.layers[0].mlp.gate_proj.base_layer.weight
+    assert not getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False)
     assert len([m for m in fxtile.find(tiled) if m.tiled]) == 2
     ids = torch.randint(0, TINY["vocab_size"], (2, 7))
     with warnings.catch_warnings():
@@ -412,6 +416,26 @@ def test_a_region_that_is_not_token_wise_is_refused_by_the_self_check_with_the_m
     (match,) = fxtile.find(unchecked)
     assert match.tiled and match.verified is None and "verify=False" in match.check
     assert not torch.allclose(unchecked(x), model(x), atol=1e-3)
+
+
+class CentredInTraining(nn.Linear):
+    """Token-wise in eval mode only: in training it centres over the tokens (batch-norm-like)."""
+
+    def forward(self, x):
+        return super().forward(x - x.mean(-2, keepdim=True) if self.training else x)
+
+
+def test_the_self_check_probes_the_modes_the_user_set():
+    torch.manual_seed(0)
+    model = CentredMLP()
+    model.a = CentredInTraining(12, 36)
+    evaluated = fxtile.transform(copy.deepcopy(model).eval(), shards=3)  # token-wise as it will run: tiled
+    assert [m.verified for m in fxtile.find(evaluated)] == [True]
+    with pytest.warns(UserWarning, match="found no MLP"):
+        fxtile.transform(model.train(), shards=3)  # not token-wise in the mode the next call runs in
+    (skip,) = fxtile.find(model).skipped
+    assert "self-check failed" in skip.reason, skip.reason
+    assert model.training and model.a.training  # and the probe left the modes as they were
 
 
 def test_verified_regions_carry_their_measured_error_and_meta_weights_are_not_verified():

@@ -23,12 +23,14 @@ CONFIG = dict(
 
 @dataclass(frozen=True)
 class Case:
-    """Per-rank sequence lengths, the ``shards`` given to ``fxtile.transform``, and checkpointing."""
+    """Per-rank sequence lengths, the ``shards`` given to ``fxtile.transform``, checkpointing, and
+    whether the loss head is tiled too (``loss=True``)."""
 
     name: str
     seq_lens: tuple[int, ...]
     shards: object
     checkpointing: bool
+    loss: bool = False
 
 
 CASES = {
@@ -42,6 +44,9 @@ CASES = {
         # The same under activation checkpointing (how long-context training runs): every tiled call
         # runs twice in forward (once more in the recompute of the checkpointed decoder layer).
         Case("ragged_ckpt", (9, 17), fxtile.ShardPolicy(min_tokens=6), True),
+        # The head and its loss tiled as well, ranks at different lengths, checkpointing on: the loss
+        # op computes the head's gradients in its forward and hands them over once, in backward.
+        Case("loss", (9, 17), fxtile.ShardPolicy(min_tokens=6), True, loss=True),
     ]
 }
 
@@ -61,7 +66,7 @@ def tiled_model(case: Case, model: torch.nn.Module | None = None) -> torch.nn.Mo
     if case.checkpointing:  # transformers 5.24 renamed gradient_checkpointing_enable (kept as a deprecated alias)
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable()
-    return fxtile.transform(model, shards=case.shards)
+    return fxtile.transform(model, shards=case.shards, loss=case.loss)
 
 
 def batch(case: Case, rank: int) -> torch.Tensor:

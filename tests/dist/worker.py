@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -168,7 +169,10 @@ def run_case(setup: str, case: common.Case, rank: int, world: int) -> dict:
     )
     before = trained.full_params()
     ran_before = fxtile.testing.shard_counts(trained.module)
-    trained.step(common.batch(case, rank))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trained.step(common.batch(case, rank))
+    said = [str(w.message) for w in caught if str(w.message).startswith("fxtile")]
     ran = {  # what the op itself ran on this rank in the step: calls and shards, forward and backward
         _clean(path): tuple(a - b for a, b in zip(vars(c).values(), vars(ran_before[path]).values()))
         for path, c in fxtile.testing.shard_counts(trained.module).items()
@@ -176,9 +180,11 @@ def run_case(setup: str, case: common.Case, rank: int, world: int) -> dict:
     after = trained.full_params()
     all_counts: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(all_counts, ran)
+    all_said: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(all_said, said)
     return {
         "before": before, "after": after, "batches": [common.batch(case, r) for r in range(world)],
-        "shard_counts": all_counts,
+        "shard_counts": all_counts, "warnings": all_said,
         "tiled": tiled, "visible_numel": visible, "leaf_params": leaf_params,
         "z3_leaf": sorted(_clean(n) for n, m in trained.module.named_modules() if getattr(m, "_z3_leaf", False)),
     }
