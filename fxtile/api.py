@@ -99,6 +99,8 @@ class _Walk:
     skipped: list[Skipped] = field(default_factory=list)
     opaque: list[nn.Module] = field(default_factory=list)  # excluded by filter_fn, or holding a region
     retiled: list[tuple[nn.Module, TileState]] = field(default_factory=list)
+    # blocks that could hold a loss head but did not trace: reported only if no head is found at all
+    untraced_heads: list[Skipped] = field(default_factory=list)
 
     def visit(self, path: str, module: nn.Module) -> bool:
         """Plan ``module`` innermost-first; True if it or a descendant holds a region.
@@ -168,7 +170,22 @@ class _Walk:
             reasons = [d.reason for d in declined if d.reason] if looks and not quiet else []
         if reasons or (looks and not quiet and not found):
             self.skipped.append(Skipped(path, "; ".join(dict.fromkeys(reasons)) or "not traced"))
+        elif any(p.nests and p.could_hold(module) for p in patterns) and any(d.reason for d in declined):
+            why = "; ".join(dict.fromkeys(d.reason for d in declined if d.reason))
+            self.untraced_heads.append(Skipped(path, f"loss=True found no head and loss to tile; this block could "
+                                                     f"compute one but was not traced: {why}"))
         return found
+
+    def report(self, matches: list[Match]) -> list[Skipped]:
+        """What was skipped; with the loss looked for and no head found anywhere, also the blocks that
+        could hold one but did not trace (a vocabulary-parallel loss, a loss in untraceable code)."""
+        heads = [m for m in matches if m.pattern in {p.name for p in LOSS_PATTERNS}]
+        loss_refused = any("cross-entropy" in s.reason or "loss" in s.reason for s in self.skipped)
+        if heads or loss_refused:
+            return self.skipped
+        outermost = [s for s in self.untraced_heads  # innermost-first: an enclosing block reports for its parts
+                     if not any(o.path == "" or s.path.startswith(o.path + ".") for o in self.untraced_heads if o is not s)]
+        return self.skipped + outermost
 
 
 def _patterns(loss: bool) -> tuple[Pattern, ...]:
@@ -196,7 +213,7 @@ def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None, loss: bool =
     walk.visit("", model)
     matches = [m for _, module in walk.tiled for m in tile_state(module).matches]
     matches += [m for planned in walk.planned for m in planned.matches]
-    return Matches(matches, walk.skipped)
+    return Matches(matches, walk.report(matches))
 
 
 def _install(module: nn.Module, state: TileState) -> None:

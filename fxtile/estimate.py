@@ -1,4 +1,5 @@
-"""How much activation memory an MLP takes in training, untiled and tiled, at a given number of tokens.
+"""How much activation memory a tiled region (an MLP, or the output projection and its loss) takes in
+training, untiled and tiled, at a given number of tokens.
 
 What is counted (per MLP layer, in bytes at the given dtype): the tensors the MLP adds while it is
 trained, i.e. what autograd keeps from its forward until its backward (``kept``) and the highest point
@@ -19,9 +20,14 @@ For a SiLU-gated MLP (Llama) with ``N`` tokens, intermediate size ``I`` and ``b`
 this gives ``kept = 4·N·I·b`` (gate, act, up, product) and ``peak = 6·N·I·b`` untiled (in the
 product's backward: gate, act, up and three gradients). Tiled, the peak is the op's input-gradient
 buffer plus a few ``(N/s)·I`` shard tensors plus the weight-gradient workspace; how many shard tensors
-depends on the op's kernel (the explicit-matmul one in ``fxtile/linear_mlp.py`` or the generic
+depends on the op's kernel (the explicit-matmul one in ``fxtile/kernels/mlp.py`` or the generic
 ``torch.func.vjp`` one), so the kernel is replayed rather than summarised in a formula that would go stale.
 ``tests/test_cli.py`` checks these numbers against the peak resident memory measured on CPU.
+
+A loss region is replayed the same way: untiled, the logits, their fp32 copy, the log-softmax and their
+gradients (about ``4·N·V`` elements for transformers' ``ForCausalLMLoss``); tiled, the op's forward
+kernel, which computes the input and weight gradients of one shard of logits at a time and keeps them
+until backward (the input gradient ``N·H`` and the head weight's gradient ``V·H``).
 
 The whole model's number is :func:`total_peak`: backward runs the layers in reverse, so while layer
 ``i`` is backpropagated, every earlier layer still keeps its ``kept`` bytes.

@@ -470,7 +470,9 @@ class PerCallBlock(BlockKind):
                       if m in traced.leaves and any(p.dim() == 2 for p in m.parameters(recurse=False))]
             why = (f": its projections sit in {', '.join(opaque)}, which fxtile does not recognize as linear layers "
                    "and whose code does not trace, so they stay opaque") if opaque else ""
-            return Declined(f"traced per call, no MLP region in its graph{why}")
+            failed = next((r for _, r in results if isinstance(r, str)), None)  # e.g. the call with labels
+            why += f"; a call with one more argument (as labels would be) did not trace: {failed}" if failed else ""
+            return Declined(f"traced per call, no region in its graph{why}")
         matches = [match_of(ctx.path, c, attr, prefix=ROOT) for c in candidates]
         return Planned(self, ctx.path, module, matches, (spec, traced, ctx.patterns, candidates), attr)
 

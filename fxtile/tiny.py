@@ -245,8 +245,9 @@ def _compare_once(reference: nn.Module, config, dtype: torch.dtype, shards: int,
     if untiled:
         return Verification("untiled-call", untiled[0], tiled=count, dtype=name, model=tiled)
     zero = testing.ShardCount(0, 0, 0, 0)
+    # ran tiled: the op ran shards forward and its backward ran (a loss op recomputes no shards in backward)
     idle = tuple(p for p, c in after.items() if c.forward_shards == before.get(p, zero).forward_shards
-                 or c.backward_shards == before.get(p, zero).backward_shards)
+                 or c.backward_calls == before.get(p, zero).backward_calls)
     if len(idle) == len(after):
         return Verification("untiled-call", f"no tiled block ran tiled in {call[0]}", tiled=count, dtype=name,
                             model=tiled, idle=idle)

@@ -282,9 +282,10 @@ class LinearCrossEntropy(Pattern):
     min_projections = 1
 
     def could_hold(self, module: nn.Module) -> bool:
-        """The head is the module's own: a linear child, a tied embedding it reads, or a raw weight."""
-        return any(is_linear_like(c) or isinstance(c, nn.Embedding) for c in module.children()) or any(
-            p.dim() == 2 for p in module.parameters(recurse=False))
+        """The head is the module's own: a linear child (any class holding a matrix: Megatron's parallel
+        linears too), a tied embedding it reads, or a raw weight."""
+        return any(is_linear_like(c) or isinstance(c, nn.Embedding) or any(p.dim() == 2 for p in c.parameters(recurse=False))
+                   for c in module.children()) or any(p.dim() == 2 for p in module.parameters(recurse=False))
 
     def instances(self, gm, labels, abstract):
         for node in gm.graph.nodes:

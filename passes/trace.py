@@ -114,6 +114,15 @@ class LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) in self.leaves or is_linear_like(m) or super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m, forward, args, kwargs):
+        """A module built inside the forward (BART's ``loss_fct = CrossEntropyLoss()``) is no submodule, so
+        it cannot be a ``call_module`` node: its code is traced through instead."""
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
 
 @dataclass(frozen=True)
 class TraceResult:

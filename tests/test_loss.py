@@ -175,7 +175,8 @@ def test_autocast_runs_the_shards_in_bf16_like_the_untouched_model():
 class HandLM(nn.Module):
     """Embedding, one tiled MLP block, a head, and the loss written by hand."""
 
-    def __init__(self, loss_kwargs=None, module_loss=False, softcap=None, returns_logits=True, tied=False):
+    def __init__(self, loss_kwargs=None, module_loss=False, softcap=None, returns_logits=True, tied=False,
+                 loss_built_in_forward=False):
         super().__init__()
         self.embed = nn.Embedding(V, 16)
         self.block = M.Odd(16, 48)
@@ -188,6 +189,7 @@ class HandLM(nn.Module):
             self.register_buffer("class_weight", weight)
         self.criterion = nn.CrossEntropyLoss(weight=weight, **self.loss_kwargs) if module_loss else None
         self.softcap, self.returns_logits = softcap, returns_logits
+        self.loss_built_in_forward = loss_built_in_forward
 
     def forward(self, ids, y):
         h = self.block(self.embed(ids))
@@ -195,7 +197,9 @@ class HandLM(nn.Module):
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         flat = logits.float().view(-1, logits.size(-1))
-        if self.criterion is not None:
+        if self.loss_built_in_forward:  # BART's `loss_fct = CrossEntropyLoss()` inside forward: no submodule
+            loss = nn.CrossEntropyLoss(**self.loss_kwargs)(flat, y.view(-1))
+        elif self.criterion is not None:
             loss = self.criterion(flat, y.view(-1))
         else:
             weight = self.class_weight if hasattr(self, "class_weight") else None
@@ -211,6 +215,7 @@ LOSS_CASES = {
     "class_weights": dict(loss_kwargs={"weight": torch.rand(V) + 0.5}),
     "weights_and_smoothing": dict(loss_kwargs={"weight": torch.rand(V) + 0.5, "label_smoothing": 0.2, "ignore_index": 5}),
     "module_loss": dict(module_loss=True, loss_kwargs={"label_smoothing": 0.05}),
+    "loss_built_in_forward": dict(loss_built_in_forward=True, loss_kwargs={"ignore_index": 5}),
     "softcap": dict(softcap=2.0),
     "tied_f_linear": dict(tied=True),
     "loss_only": dict(returns_logits=False),

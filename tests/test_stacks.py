@@ -102,12 +102,25 @@ def _directional_derivative_error(model, loss_fn, eps=1e-6):
 # --- 1. randomness anywhere inside a region is replayed by the recompute -------------------------
 
 
-@pytest.mark.parametrize("targets", [("gate_proj", "up_proj", "down_proj"), ("down_proj",)], ids=["gate_up_down", "down"])
-def test_peft_lora_dropout_gradients_are_those_of_the_tiled_forward(targets):
-    lora = _lora(_llama(), targets, dropout=0.5).train()
+@pytest.mark.parametrize("targets, extra", [(("gate_proj", "up_proj", "down_proj"), {}), (("down_proj",), {}),
+                                            (("gate_proj", "up_proj", "down_proj"), {"use_dora": True})],
+                         ids=["gate_up_down", "down", "dora"])
+def test_peft_lora_dropout_gradients_are_those_of_the_tiled_forward(targets, extra):
+    lora = _lora(_llama(), targets, dropout=0.5, **extra).train()
     block = lora.base_model.model.model.layers[0].mlp
     tiled = _assert_replays_its_own_draws(block, torch.randn(2, 7, TINY["hidden_size"]))
     assert [m.pattern for m in fxtile.find(tiled)] == ["gated"]
+
+
+def test_peft_dora_model_is_tiled_and_exact():
+    """DoRA's magnitude vector and weight norm (computed from the weights, per output feature) inside
+    every projection: tiled, with the untouched model's loss, logits and every gradient."""
+    lora = _lora(_llama(), use_dora=True).train()
+    tiled = tiled_copy(lora, shards=3)
+    assert len([m for m in fxtile.find(tiled) if m.tiled]) == 2
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7))
+    assert_same_outputs_and_grads(lora, tiled, ids, out_fn=lambda o: o.logits)
+    assert ran_tiled(tiled, lambda: tiled(input_ids=ids, labels=ids).loss.backward()) == (6, 6)
 
 
 class NoisyLinear(nn.Linear):
@@ -590,11 +603,24 @@ found = fxtile.find(mlp)
 print("MATCHES", len(found))
 for s in found.skipped:
     print("SKIPPED", repr(s.path), s.reason)
+from megatron.core import tensor_parallel
+class VocabParallelHead(torch.nn.Module):  # Megatron's output layer and loss: logits split over the vocabulary
+    def __init__(self):
+        super().__init__()
+        self.output_layer = ColumnParallelLinear(16, 64, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                                 gather_output=False)
+    def forward(self, h, labels):
+        logits, _ = self.output_layer(h)
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+found = fxtile.find(VocabParallelHead(), loss=True)
+print("HEAD MATCHES", len(found))
+for s in found.skipped:
+    print("HEAD SKIPPED", repr(s.path), s.reason)
 dist.destroy_process_group()
 """
 
 
-def test_megatron_core_parallel_linear_mlp_is_reported_with_its_reason():
+def test_megatron_core_parallel_mlp_and_vocab_parallel_head_are_reported_with_their_reasons():
     pytest.importorskip("megatron.core")
     import socket
 
@@ -608,6 +634,9 @@ def test_megatron_core_parallel_linear_mlp_is_reported_with_its_reason():
     skipped = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
     assert skipped, "an MLP-shaped block must never yield an empty report"
     assert "ColumnParallelLinear (linear_fc1), RowParallelLinear (linear_fc2)" in skipped[0]
+    assert "HEAD MATCHES 0" in proc.stdout  # a vocabulary-parallel head and loss: reported, not tiled
+    (head,) = [line for line in proc.stdout.splitlines() if line.startswith("HEAD SKIPPED")]
+    assert head.startswith("HEAD SKIPPED ''") and "found no head and loss to tile" in head and "not traced" in head, head
 
 
 def test_hf_trainer_with_lora_and_gradient_checkpointing_trains_like_the_untiled_model(tmp_path):
