@@ -245,6 +245,34 @@ def test_hand_written_losses_are_tiled_exactly(case):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def test_float64_logits_without_a_cast_keep_float64_precision():
+    """BART-style: no ``.float()`` between the head and the loss. In float64 the tiled loss rounds like
+    float64 (the softmax buffer and the mean's denominator are not taken down to float32)."""
+    torch.manual_seed(0)
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, V)
+
+        def forward(self, h, y):
+            return nn.CrossEntropyLoss()(self.proj(h).view(-1, V), y.view(-1))
+
+    model = Head().double()
+    tiled = fxtile.transform(copy.deepcopy(model), shards=3, loss=True)
+    (match,) = fxtile.find(tiled, loss=True)
+    assert match.verified is True, match.check
+    h = torch.randn(2, 7, 16, dtype=torch.float64)
+    y = torch.randint(0, V, (2, 7))
+    hr, ht = h.clone().requires_grad_(), h.clone().requires_grad_()
+    ref, got = model(hr, y), tiled(ht, y)
+    ref.backward()
+    got.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(ht.grad, hr.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(tiled.proj.weight.grad, model.proj.weight.grad, rtol=1e-12, atol=1e-14)
+
+
 def test_the_input_gradient_reaches_a_leaf_input():
     torch.manual_seed(0)
 

@@ -15,7 +15,7 @@ and a batch whose rows are all ignored gives torch's NaN mean and zero gradients
 Two ways to compute a shard's ``dz``:
 
 * fused, when the steps between the logits and the loss are casts and flattening only: softmax in place
-  in one ``rows x V`` buffer (fp32), so a shard holds one logits-sized tensor (two for bf16 weights: the
+  in one ``rows x V`` buffer (fp32, or fp64 for fp64 logits), so a shard holds one logits-sized tensor (two for bf16 weights: the
   bf16 ``dz`` the matmuls need);
 * generic, for any other row-wise steps (soft-capping, scaling) and label smoothing: ``torch.func.vjp``
   of the steps and ``F.cross_entropy`` on the shard.
@@ -51,23 +51,26 @@ class LossPlan:
 
 
 def _denominator(plan: LossPlan, targets: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """What torch divides a mean by: the weight of the rows that are not ignored."""
+    """What torch divides a mean by: the weight of the rows that are not ignored (a float64 scalar, so
+    that it rounds nothing it scales, fp64 losses included)."""
     valid = targets != plan.ignore_index
     if plan.class_weight is None:
-        return valid.sum().to(torch.float32)
+        return valid.sum().to(torch.float64)
     weight = tensors[plan.class_weight]
-    return weight.float()[targets.clamp(min=0)].mul_(valid).sum()
+    return weight.double()[targets.clamp(min=0)].mul_(valid).sum()
 
 
 def _fused_dz(plan: LossPlan, z: torch.Tensor, y: torch.Tensor, tensors, scale: torch.Tensor, want_dz: bool):
-    """(sum of the shard's losses, dz) with one fp32 ``rows x V`` buffer: softmax computed in place
-    (in the logits' own storage when they are fp32; the caller keeps no reference to them)."""
+    """(sum of the shard's losses, dz) with one ``rows x V`` buffer, at least fp32 (fp64 logits stay fp64):
+    softmax computed in place (in the logits' own storage when they already have that dtype; the caller
+    keeps no reference to them)."""
     dtype = z.dtype
-    x = plan.steps(z).to(torch.float32)  # casts and flattening only
+    x = plan.steps(z)  # casts and flattening only
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     del z
     valid = y != plan.ignore_index
     safe = torch.where(valid, y, 0)
-    w = tensors[plan.class_weight].float()[safe] * valid if plan.class_weight is not None else valid.to(torch.float32)
+    w = tensors[plan.class_weight].to(x.dtype)[safe] * valid if plan.class_weight is not None else valid.to(x.dtype)
     picked = x.gather(1, safe[:, None]).squeeze(1)
     top = x.amax(1, keepdim=True)
     x.sub_(top).exp_()
@@ -105,7 +108,7 @@ def forward(
     loss for each input that ``needs`` one (``[h, *tensors]``; None elsewhere)."""
     want = any(needs)
     denom = _denominator(plan, targets, tensors)
-    scale = (1.0 / denom) if plan.reduction == "mean" else torch.ones((), dtype=torch.float32, device=h.device)
+    scale = (1.0 / denom) if plan.reduction == "mean" else torch.ones((), dtype=torch.float64, device=h.device)
     grad_h = torch.empty_like(h) if needs[0] else None
     sums: dict[int, torch.Tensor] = {}
     total, dtype = None, None
@@ -114,7 +117,7 @@ def forward(
         x = h[lo:hi]
         loss, dz = shard_dz(plan, mlp.linear(x, tensors, plan.head), targets[lo:hi], tensors, scale, want)
         dtype = loss.dtype
-        total = loss.float() if total is None else total.add_(loss.float())
+        total = loss.double() if total is None else total.add_(loss.double())
         del loss
         if dz is None:
             continue
