@@ -286,6 +286,7 @@ def _setup_loss_context(ctx, inputs, output) -> None:
     h, targets, tensors, region, shards, needs, autocast_dtype = inputs
     grads = output[1:]
     ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" for each of them: dh- and dW-sized
     ctx.needs, ctx.region = needs, region
     if torch.compiler.is_compiling():
         ctx.save_for_backward(*grads)

@@ -113,20 +113,25 @@ def test_compiled_tiled_mlp_keeps_the_callers_autocast():
 # --- the loss head (loss=True) ------------------------------------------------------------------------
 
 
-def test_tiny_llama_with_its_loss_tiled_compiles_fullgraph_and_matches_eager():
-    model = tiny_causal_lm("llama").train()
-    tiled = fxtile.transform(copy.deepcopy(model), shards=3, loss=True)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(tiled, fullgraph=True, backend=counter)
-    ids = torch.randint(0, 97, (2, 13))
+def _assert_compiled_step_matches(model, tiled, compiled, ids):
+    """One training step of ``compiled`` (``tiled`` compiled) has the untouched model's loss and grads."""
     out = compiled(input_ids=ids, labels=ids)
-    assert out.logits is None
     out.loss.backward()
     ref = model(input_ids=ids, labels=ids).loss
     ref.backward()
     torch.testing.assert_close(out.loss, ref)
     for (name, p), q in zip(model.named_parameters(), tiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    return out
+
+
+def test_tiny_llama_with_its_loss_tiled_compiles_fullgraph_and_matches_eager():
+    model = tiny_causal_lm("llama").train()
+    tiled = fxtile.transform(copy.deepcopy(model), shards=3, loss=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    ids = torch.randint(0, 97, (2, 13))
+    out = _assert_compiled_step_matches(model, tiled, torch.compile(tiled, fullgraph=True, backend=counter), ids)
+    assert out.logits is None
     assert counter.frame_count == 1, "one graph: the tiled MLPs and the tiled loss add no break"
     ops = [str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert sum(t.startswith("fxtile.tiled_cross_entropy") for t in ops) == 1
@@ -180,13 +185,7 @@ def test_a_layer_traced_per_call_compiles_fullgraph_after_one_eager_step():
     tiled(input_ids=ids, labels=ids).loss.backward()  # the eager step traces this call signature
     tiled.zero_grad()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    out = torch.compile(tiled, fullgraph=True, backend=counter)(input_ids=ids, labels=ids)
-    out.loss.backward()
-    ref = model(input_ids=ids, labels=ids).loss
-    ref.backward()
-    torch.testing.assert_close(out.loss, ref)
-    for (name, p), q in zip(model.named_parameters(), tiled.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    _assert_compiled_step_matches(model, tiled, torch.compile(tiled, fullgraph=True, backend=counter), ids)
     assert counter.frame_count == 1
     torch._dynamo.reset()
     with pytest.raises(Exception, match="fxtile|Observed exception"):  # a new signature: says to run it eagerly

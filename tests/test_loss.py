@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import fxtile
 import fxtile.testing
@@ -245,20 +247,25 @@ def test_hand_written_losses_are_tiled_exactly(case):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+class Head(nn.Module):
+    """A head and its loss on hidden states: ``F.cross_entropy(proj(h).float().view(-1, V), y.view(-1))``,
+    or (``cast=False``, BART's way) ``nn.CrossEntropyLoss()`` built in forward on the uncast logits."""
+
+    def __init__(self, cast=True):
+        super().__init__()
+        self.proj, self.cast = nn.Linear(16, V), cast
+
+    def forward(self, h, y):
+        if self.cast:
+            return F.cross_entropy(self.proj(h).float().view(-1, V), y.view(-1))
+        return nn.CrossEntropyLoss()(self.proj(h).view(-1, V), y.view(-1))
+
+
 def test_float64_logits_without_a_cast_keep_float64_precision():
     """BART-style: no ``.float()`` between the head and the loss. In float64 the tiled loss rounds like
     float64 (the softmax buffer and the mean's denominator are not taken down to float32)."""
     torch.manual_seed(0)
-
-    class Head(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(16, V)
-
-        def forward(self, h, y):
-            return nn.CrossEntropyLoss()(self.proj(h).view(-1, V), y.view(-1))
-
-    model = Head().double()
+    model = Head(cast=False).double()
     tiled = fxtile.transform(copy.deepcopy(model), shards=3, loss=True)
     (match,) = fxtile.find(tiled, loss=True)
     assert match.verified is True, match.check
@@ -273,17 +280,36 @@ def test_float64_logits_without_a_cast_keep_float64_precision():
     torch.testing.assert_close(tiled.proj.weight.grad, model.proj.weight.grad, rtol=1e-12, atol=1e-14)
 
 
+class _NewTensors(TorchDispatchMode):
+    """Records the size of every tensor an op creates in new storage (not an in-place result)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        self.sizes += [t.numel() for t in tree_flatten(out)[0]
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_the_backward_of_a_tiled_loss_allocates_nothing_gradient_sized():
+    """The forward computed every gradient; backward scales them in place and hands them over (no copy,
+    and no zero "gradient" materialized for the op's gradient outputs)."""
+    torch.manual_seed(0)
+    model = fxtile.transform(Head(), shards=4, loss=True)
+    h = torch.randn(2, 64, 16, requires_grad=True)
+    loss = model(h, torch.randint(0, V, (2, 64)))
+    with _NewTensors() as created:
+        loss.backward()
+    assert max(created.sizes, default=0) < min(h.numel(), model.proj.weight.numel()), created.sizes
+    assert h.grad is not None and model.proj.weight.grad is not None
+
+
 def test_the_input_gradient_reaches_a_leaf_input():
     torch.manual_seed(0)
-
-    class Head(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(16, V)
-
-        def forward(self, h, y):
-            return F.cross_entropy(self.proj(h).float().view(-1, V), y.view(-1))
-
     model = Head()
     tiled = fxtile.transform(copy.deepcopy(model), shards=3, loss=True)
     h = torch.randn(2, 7, 16, requires_grad=True)
