@@ -1,9 +1,11 @@
-"""fxtile: tile the MLPs of any ``nn.Module`` over tokens, found by graph shape, with no registry.
+"""fxtile: tile the MLPs and the loss head of any ``nn.Module`` over tokens, found by graph shape, with no registry.
 
 Stable API: :func:`transform`, :func:`find`, :func:`restore`, :class:`Match`, :class:`Skipped`,
 :class:`ShardPolicy`. The layers underneath, each depending only on the ones after it:
-``fxtile.api`` (the walk) -> ``passes`` (trace, match, cut, rewrite: graph work) -> ``fxtile.region``
--> ``fxtile.op`` (custom ops, autograd) -> ``fxtile.kernels`` (tensor code).
+``fxtile.api`` (the walk) -> ``fxtile.kinds`` (block kinds) and ``fxtile.verify`` (the self-check) ->
+``passes`` (trace, match, cut, rewrite: graph work) -> ``fxtile.region`` -> ``fxtile.op`` (custom ops,
+autograd) -> ``fxtile.kernels`` (tensor code); ``fxtile.modes``, ``fxtile.compare`` and
+``fxtile.policy`` are leaf utilities any layer may use.
 """
 
 from .policy import ShardPolicy

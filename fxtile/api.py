@@ -205,8 +205,9 @@ def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None, loss: bool =
     """Dry run: the regions ``transform`` would tile (or has tiled), without changing ``model``.
 
     ``filter_fn(module, fqn) -> bool`` is asked before a block is traced (innermost blocks first; a
-    block with a matched descendant is not traced itself). The result's ``.skipped`` lists blocks that
-    look like MLPs but were not matched, each with the reason. The self-check runs in ``transform``.
+    block with a matched descendant is not traced itself, except, with ``loss=True``, for a loss head
+    among its own children). The result's ``.skipped`` lists blocks that look like MLPs or loss heads
+    but were not matched, each with the reason. The self-check runs in ``transform``.
     """
     _check_args(model, filter_fn)
     walk = _Walk(filter_fn, _patterns(loss))
@@ -252,8 +253,9 @@ def transform(
 
     ``shards`` is ``"auto"`` (see :class:`fxtile.ShardPolicy`), a positive int, or a ``ShardPolicy``.
     Calling ``transform`` again is a no-op with the same ``shards`` and re-tiles with a new one.
-    ``filter_fn(module, fqn) -> bool``: a module it refuses is never tiled, neither itself nor as part of
-    an ancestor's graph (there it stays one opaque call). ``verify``: check every region numerically
+    ``filter_fn(module, fqn) -> bool`` is asked about every block that could hold a region (two projections
+    for an MLP, one for a loss head; not about the projections themselves): a block it refuses is never tiled, neither
+    itself nor as part of an ancestor's graph (there it stays one opaque call). ``verify``: check every region numerically
     before installing it (a region that disagrees is left alone and reported). Blocks that cannot be
     traced, matched or verified are left as they are and listed by ``fxtile.find(model).skipped``.
 

@@ -180,7 +180,7 @@ def _replay_tiled(
         for tensor, need, grad in zip(tensors, needs[1:], result[1:]):
             if need and grad is not None:
                 tensor.grad.add_(grad)  # what AccumulateGrad does with the op's weight gradient
-        del result, grad, y, dy
+        del result, y, dy
         return kept, counter.peak - out_bytes
 
 

@@ -52,8 +52,9 @@ class Match:
     """One tiled (or tileable) region, as plain values (valid after ``transform`` and ``restore``).
 
     ``path`` is the qualified name of the module whose forward (or ``method``) holds the region ("" for
-    the root), ``roles`` maps gate/up/down/act (gated), gate_up/down/act (fused) or fc1/fc2/act (plain)
-    to submodule names relative to ``path`` (``act`` is absent for functional activations), and ``nodes``
+    the root), ``roles`` maps gate/up/down/act (gated), gate_up/down/act (fused), fc1/fc2/act (plain) or
+    head (linear_cross_entropy, whose ``intermediate_size`` is the vocabulary) to submodule names
+    relative to ``path`` (``act`` is absent for functional activations), and ``nodes``
     names the fx nodes the tiled call replaces. ``verified`` is the self-check's verdict (None: not run,
     ``check`` says why) and ``check`` its detail, with the measured error.
     """
@@ -504,7 +505,7 @@ class MethodBlock(PerCallBlock):
             result = self.plan_function(module, ctx, attr, function)
             if isinstance(result, Planned):
                 return result
-            reasons.append(f"{attr}: {result.reason}" if isinstance(result, Declined) else attr)
+            reasons.append(f"{attr}: {result.reason}")
         return Declined("; ".join(reasons))
 
 

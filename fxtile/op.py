@@ -39,8 +39,8 @@ import torch
 from .kernels import loss as loss_kernel
 from .kernels import mlp, shards as K
 
-__all__ = ["Counters", "Kernel", "autocast_dtype_of", "lookup", "register", "tiled_backward", "tiled_cross_entropy",
-           "tiled_forward"]
+__all__ = ["Counters", "Kernel", "autocast_dtype_of", "backward_kernel", "forward_kernel", "live_regions", "lookup",
+           "register", "tiled_backward", "tiled_cross_entropy", "tiled_forward"]
 
 
 @dataclass

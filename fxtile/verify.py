@@ -14,7 +14,8 @@ A region that draws random numbers (dropout in training) is compared with the sa
 from the same generator state: that checks the op and its replay of the draws, while its token-wise
 structure rests on the matcher alone. Regions
 whose weights are on the meta device or partitioned (DeepSpeed ZeRO-3) cannot run: they are reported as
-not verified. Cost: one forward and backward of the region on 8 rows, twice (see the README's numbers).
+not verified. Cost: on 8 rows, the region's forward and backward twice (tiled and untiled) and one more
+forward that tells whether it draws random numbers (then its shard-wise reference runs too); see the README.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def check_region(tiled: TiledRegion, tensors: Sequence[torch.Tensor], modes: Seq
         vars(region.counters).update(counters)  # the probe is not the user's work
     worst = 0.0
     names = ["output"] + [f"gradient {i}" for i in range(len(ref[1]))]
-    # the lowest precision in the region bounds its rounding (a loss upcasts float64 logits to fp32 only)
+    # the lowest precision among the output and the gradients bounds the rounding (an fp32 loss of fp64 logits)
     limit = max(tolerance(t.dtype) for t in [ref[0], *ref[1]])
     for name, a, b in zip(names, [ref[0], *ref[1]], [got[0], *got[1]]):
         err = max_error(a, b, floor=1e-6)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch import nn
 
 from .labels import INNER, POINTWISE, SPLIT, STATIC, Labels, label
 from .patterns import MLP_PATTERNS, Candidate, Pattern, Rejection
@@ -76,7 +77,10 @@ def rows_not_tokens(gm: fx.GraphModule, cand: Candidate, accepted: list[Candidat
 
 def stateful(gm: fx.GraphModule, cand: Candidate, accepted: list[Candidate]) -> str | None:
     for node in cand.nodes:
-        if node.op == "call_module" and any(True for _ in gm.get_submodule(str(node.target)).buffers()):
+        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if isinstance(module, nn.CrossEntropyLoss):  # its class-weight buffer is only read
+            continue
+        if module is not None and any(True for _ in module.buffers()):
             return f"{node.target} holds buffers, which its forward may update; a recompute would update them again"
     return None
 

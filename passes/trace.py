@@ -157,7 +157,10 @@ def trace(module: nn.Module, leaves: Collection[nn.Module] = ()) -> TraceResult:
     arguments are fixed to their defaults, so the rewritten forward accepts the required ones only.
     A graph that depends on ``self.training`` (fx bakes it in) is refused: one graph must serve both modes.
     """
-    params = list(inspect.signature(module.forward).parameters.values())
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError) as exc:  # a forward without a readable signature (a C extension)
+        return TraceResult(None, f"its forward has no signature to trace: {first_line(exc)}")
     required = [p for p in params if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not required:
         return TraceResult(None, "forward takes no required argument; fxtile traces blocks called with their input")

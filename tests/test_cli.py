@@ -151,6 +151,16 @@ def test_nothing_to_tile_exits_1_and_says_why(capsys, tmp_path):
     assert "nothing to tile" in err
 
 
+def test_a_model_whose_only_regions_are_expert_banks_is_planned(capsys, tmp_path):
+    import transformers as T
+
+    T.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, vocab_size=100).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "convert", str(tmp_path), "--seq-len", "512", "--no-loss", "--no-verify")
+    assert code == 0, err
+    assert "total: 2 of 2 regions tiled; activation memory not estimated (expert banks)" in out
+
+
 def test_a_failing_exactness_check_exits_1(capsys, monkeypatch):
     # a broken op: the last row of every call is never computed
     monkeypatch.setattr(fxtile.kernels.shards, "shard_bounds", lambda rows, shards: [(0, rows // 2), (rows // 2, rows - 1)])

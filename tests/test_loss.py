@@ -217,6 +217,7 @@ LOSS_CASES = {
     "class_weights": dict(loss_kwargs={"weight": torch.rand(V) + 0.5}),
     "weights_and_smoothing": dict(loss_kwargs={"weight": torch.rand(V) + 0.5, "label_smoothing": 0.2, "ignore_index": 5}),
     "module_loss": dict(module_loss=True, loss_kwargs={"label_smoothing": 0.05}),
+    "module_loss_weighted": dict(module_loss=True, loss_kwargs={"weight": torch.rand(V) + 0.5}),
     "loss_built_in_forward": dict(loss_built_in_forward=True, loss_kwargs={"ignore_index": 5}),
     "softcap": dict(softcap=2.0),
     "tied_f_linear": dict(tied=True),

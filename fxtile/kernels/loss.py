@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.func import vjp
 
 from . import mlp
-from .shards import shard_bounds
+from .shards import finish, shard_bounds
 
 __all__ = ["LossPlan", "forward"]
 
@@ -57,7 +57,7 @@ def _denominator(plan: LossPlan, targets: torch.Tensor, tensors: Sequence[torch.
     if plan.class_weight is None:
         return valid.sum().to(torch.float64)
     weight = tensors[plan.class_weight]
-    return weight.double()[targets.clamp(min=0)].mul_(valid).sum()
+    return weight.double()[torch.where(valid, targets, 0)].mul_(valid).sum()
 
 
 def _fused_dz(plan: LossPlan, z: torch.Tensor, y: torch.Tensor, tensors, scale: torch.Tensor, want_dz: bool):
@@ -127,9 +127,5 @@ def forward(
         del dz
     assert total is not None and dtype is not None
     value = (total / denom if plan.reduction == "mean" else total).to(dtype)
-    grads = {0: grad_h} if grad_h is not None else {}
-    grads.update({i + 1: s.to(tensors[i].dtype) for i, s in sums.items()})
-    for i, need in enumerate(needs):
-        if need and i not in grads:  # e.g. the bias of a shard set whose rows were all ignored
-            grads[i] = torch.zeros_like(h if i == 0 else tensors[i - 1])
-    return value, [grads.get(i) for i in range(len(needs))]
+    # zeros where a gradient was asked for and none arose (the bias of rows that were all ignored)
+    return value, finish([h], tensors, {0: grad_h} if grad_h is not None else {}, {i + 1: s for i, s in sums.items()}, needs)

@@ -60,7 +60,7 @@ def forward_fast(plan: mlp.LinearMLP, x: torch.Tensor, tensors: Sequence[torch.T
     return out
 
 
-def _finish(rows, tensors, row_grads: dict, sums: dict, needs: Sequence[bool]) -> list[Optional[torch.Tensor]]:
+def finish(rows, tensors, row_grads: dict, sums: dict, needs: Sequence[bool]) -> list[Optional[torch.Tensor]]:
     """One gradient per input (None where none was asked for); summed weight gradients in their dtype."""
     inputs = [*rows, *tensors]
     grads = {**row_grads, **{i: s.to(inputs[i].dtype) for i, s in sums.items()}}
@@ -78,7 +78,7 @@ def backward_fast(
     sums: dict[int, torch.Tensor] = {}
     for lo, hi in shard_bounds(x.shape[0], shards):
         mlp.backward_shard(plan, x[lo:hi], grad[lo:hi], tensors, needs[1:], sums, grad_x[lo:hi] if grad_x is not None else None)
-    return _finish([x], tensors, {0: grad_x} if grad_x is not None else {}, {i + 1: s for i, s in sums.items()}, needs)
+    return finish([x], tensors, {0: grad_x} if grad_x is not None else {}, {i + 1: s for i, s in sums.items()}, needs)
 
 
 def _store(i: int, g: Optional[torch.Tensor], lo: int, hi: int, n_rows: int, row_grads: dict, sums: dict) -> None:
@@ -115,7 +115,7 @@ def backward_vjp(
         for i, g in zip(wanted, grads):
             _store(i, g, lo, hi, n_rows, row_grads, sums)
         del grads
-    return _finish(rows, tensors, row_grads, sums, needs)
+    return finish(rows, tensors, row_grads, sums, needs)
 
 
 def backward_autograd(
@@ -142,4 +142,4 @@ def backward_autograd(
             for i, g in zip(wanted, grads):
                 _store(i, g, lo, hi, n_rows, row_grads, sums)
             del grads
-    return _finish(rows, tensors, row_grads, sums, needs)
+    return finish(rows, tensors, row_grads, sums, needs)
