@@ -256,24 +256,19 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
 
     verification = None
     code = 0
-    tiled = sum(m.tiled for m in matches)
-    if not tiled:
+    if not entries:  # on the meta device expert banks are reported, not tiled: every tiled region has an entry
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in matches.skipped[:3])
         print(f"\nfxtile: nothing to tile in {name}" + (f" ({reasons})" if reasons else
               " (no block matched an MLP, expert-bank or loss-head pattern)"), file=err)
         code = 1
     else:
-        if entries:
-            before, after = total_peak(entries, tiled=False), total_peak(entries, tiled=True)
-            workspace = max(e.weight_grad_workspace for e in entries)
-            print(f"\ntotal: {tiled} of {len(matches)} regions tiled; activation memory at the backward peak "
-                  f"{human(before)} -> {human(after)} (saves {human(before - after)}, {100 * (before - after) / before:.0f}%)",
-                  file=out)
-            if workspace:
-                print(f"  after includes the tiled op's weight-gradient workspace, up to {human(workspace)} per layer", file=out)
-        else:  # expert banks only: their memory is not replayed
-            print(f"\ntotal: {tiled} of {len(matches)} regions tiled; activation memory not estimated (expert banks)",
-                  file=out)
+        before, after = total_peak(entries, tiled=False), total_peak(entries, tiled=True)
+        workspace = max(e.weight_grad_workspace for e in entries)
+        print(f"\ntotal: {sum(m.tiled for m in matches)} of {len(matches)} regions tiled; activation memory at the "
+              f"backward peak {human(before)} -> {human(after)} (saves {human(before - after)}, "
+              f"{100 * (before - after) / before:.0f}%)", file=out)
+        if workspace:
+            print(f"  after includes the tiled op's weight-gradient workspace, up to {human(workspace)} per layer", file=out)
         print(textwrap.fill(DEFINITION, 100, initial_indent="  ", subsequent_indent="  "), file=out)
         if args.no_verify:
             print("\nexactness: not checked (--no-verify)", file=out)

@@ -151,14 +151,15 @@ def test_nothing_to_tile_exits_1_and_says_why(capsys, tmp_path):
     assert "nothing to tile" in err
 
 
-def test_a_model_whose_only_regions_are_expert_banks_is_planned(capsys, tmp_path):
+def test_a_model_whose_only_mlps_are_expert_banks_says_they_need_real_weights(capsys, tmp_path):
+    """An expert bank is tiled after a probe of its rows, which needs real weights: on the meta device it is
+    reported, and a plan with nothing else to tile exits 1 with that reason."""
     import transformers as T
 
     T.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, num_local_experts=4, vocab_size=100).save_pretrained(tmp_path)
     code, out, err = run(capsys, "convert", str(tmp_path), "--seq-len", "512", "--no-loss", "--no-verify")
-    assert code == 0, err
-    assert "total: 2 of 2 regions tiled; activation memory not estimated (expert banks)" in out
+    assert code == 1 and "nothing to tile" in err and "weights are on the meta device" in err
 
 
 def test_a_failing_exactness_check_exits_1(capsys, monkeypatch):
