@@ -199,6 +199,25 @@ def _warn_about_hooks(path: str, root: nn.Module, gm: fx.GraphModule, cand: Cand
         )
 
 
+def _self_check(tiled: TiledRegion, root: nn.Module, verify: bool, checked: Optional[dict] = None) -> Check:
+    """The self-check's verdict on ``root``'s live tensors and modes; ``checked`` caches verdicts by the
+    region's code, tensor shapes and modes."""
+    if not verify:
+        return Check(None, None, "not verified (verify=False)")
+    tensors = [get_path(root, p) for p in tiled.tensor_paths]
+    modes = tiled.live_modes([get_path(root, p) for p in tiled.module_paths])
+    key = None
+    if checked is not None:
+        key = (tiled.region.template.code, tiled.tensor_paths, tuple((tuple(t.shape), t.dtype) for t in tensors),
+               tuple(modes))
+        if key in checked:
+            return checked[key]
+    check = check_region(tiled, tensors, modes)
+    if checked is not None:
+        checked[key] = check
+    return check
+
+
 def tile_graph(
     path: str, gm: fx.GraphModule, candidates: list[Candidate], policy: ShardPolicy, verify: bool,
     root: nn.Module, prefix: str = "", method: str = "forward", checked: Optional[dict] = None,
@@ -212,17 +231,7 @@ def tile_graph(
     for i, cand in enumerate(candidates):
         region = build_region(gm, cand, f"{cand.pattern}_{i}")
         tiled = (TiledLoss if region.loss is not None else TiledRegion)(region, policy)
-        tensors = [get_path(root, p) for p in tiled.tensor_paths]
-        modes = tiled.live_modes([get_path(root, p) for p in tiled.module_paths])
-        key = (region.template.code, tiled.tensor_paths, tuple((tuple(t.shape), t.dtype) for t in tensors), tuple(modes))
-        if not verify:
-            check = Check(None, None, "not verified (verify=False)")
-        elif checked is not None and key in checked:
-            check = checked[key]
-        else:
-            check = check_region(tiled, tensors, modes)
-            if checked is not None:
-                checked[key] = check
+        check = _self_check(tiled, root, verify, checked)
         if check.passed is False:
             skipped.append(Skipped(path, f"{cand.pattern} region {', '.join(n.name for n in cand.nodes)}: {check.detail}"))
             continue
@@ -295,9 +304,7 @@ class ExpertBank(BlockKind):
     def build(self, planned, policy, verify):
         bank: ExpertsMatch = planned.payload
         tiled = TiledRegion(bank_region(planned.module, bank, "routed_experts_0"), policy)
-        modes = tiled.live_modes([get_path(planned.module, p) for p in tiled.module_paths])
-        check = check_region(tiled, [get_path(planned.module, p) for p in tiled.tensor_paths], modes) if verify else \
-            Check(None, None, "not verified (verify=False)")
+        check = _self_check(tiled, planned.module, verify)
         if check.passed is False:
             return [Skipped(planned.path, f"expert bank: {check.detail}")]
         gm = experts_forward(planned.module, bank, tiled)
