@@ -253,10 +253,11 @@ def transform(
 
     ``shards`` is ``"auto"`` (see :class:`fxtile.ShardPolicy`), a positive int, or a ``ShardPolicy``.
     Calling ``transform`` again is a no-op with the same ``shards`` and re-tiles with a new one.
-    ``filter_fn(module, fqn) -> bool`` is asked about every block that could hold a region (two projections
-    for an MLP, one for a loss head; not about the projections themselves): a block it refuses is never tiled, neither
-    itself nor as part of an ancestor's graph (there it stays one opaque call). ``verify``: check every region numerically
-    before installing it (a region that disagrees is left alone and reported). Blocks that cannot be
+    ``filter_fn(module, fqn) -> bool`` is asked about every block that could hold a region (two
+    projections for an MLP, one for a loss head; not about the projections themselves): a block it
+    refuses is never tiled, neither itself nor as part of an ancestor's graph (there it stays one opaque
+    call). ``verify``: check every region numerically before installing it (a region that disagrees is
+    left alone and reported). Blocks that cannot be
     traced, matched or verified are left as they are and listed by ``fxtile.find(model).skipped``.
 
     Example: a Llama MLP's forward before and after (``tests/test_passes.py`` pins the second)::

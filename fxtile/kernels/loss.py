@@ -15,8 +15,8 @@ and a batch whose rows are all ignored gives torch's NaN mean and zero gradients
 Two ways to compute a shard's ``dz``:
 
 * fused, when the steps between the logits and the loss are casts and flattening only: softmax in place
-  in one ``rows x V`` buffer (fp32, or fp64 for fp64 logits), so a shard holds one logits-sized tensor (two for bf16 weights: the
-  bf16 ``dz`` the matmuls need);
+  in one ``rows x V`` buffer (fp32, or fp64 for fp64 logits), so a shard holds one logits-sized tensor
+  (two for bf16 weights: the bf16 ``dz`` the matmuls need);
 * generic, for any other row-wise steps (soft-capping, scaling) and label smoothing: ``torch.func.vjp``
   of the steps and ``F.cross_entropy`` on the shard.
 """
