@@ -154,6 +154,13 @@ def _replay(
     return shards, kept_before, peak_before, kept_after, peak_after, max(0, peak_after - without)
 
 
+def _accumulate(tensors: list[torch.Tensor], needs: list[bool], result: list) -> None:
+    """What AccumulateGrad does with the op's weight gradients (``result[0]`` is the input's)."""
+    for tensor, need, grad in zip(tensors, needs[1:], result[1:]):
+        if need and grad is not None:
+            tensor.grad.add_(grad)
+
+
 def _replay_tiled(
     region: TiledRegion, rows: list[torch.Tensor], tensors: list[torch.Tensor], shards: int, weight_grads: bool,
 ) -> tuple[int, int]:
@@ -165,9 +172,7 @@ def _replay_tiled(
         with _LiveBytes([x_in, *rows[1:], *t_in, *grads]) as counter, torch.no_grad():
             _, result = loss_kernel.forward(region.region.loss, x_in, rows[1], t_in, shards, needs)
             kept = counter.live
-            for tensor, need, grad in zip(tensors, needs[1:], result[1:]):
-                if need and grad is not None:
-                    tensor.grad.add_(grad)  # backward scales them in place and hands them over
+            _accumulate(tensors, needs, result)  # backward scales them in place and hands them over
             del result
             return kept, counter.peak
     with _LiveBytes([x_in, *t_in, *grads]) as counter, torch.no_grad():  # as in the op's kernel
@@ -177,9 +182,7 @@ def _replay_tiled(
         kept = counter.live - out_bytes  # the op saves its input and weights: nothing new
         no_rng = torch.empty(0, dtype=torch.uint8)
         result = op.backward_kernel(region.region, dy, [x_in], t_in, shards, _training(region), no_rng, needs)
-        for tensor, need, grad in zip(tensors, needs[1:], result[1:]):
-            if need and grad is not None:
-                tensor.grad.add_(grad)  # what AccumulateGrad does with the op's weight gradient
+        _accumulate(tensors, needs, result)
         del result, y, dy
         return kept, counter.peak - out_bytes
 

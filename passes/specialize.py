@@ -74,30 +74,34 @@ class Binder:
     dynamo traces under ``torch.compile(fullgraph=True)``; ``inspect.Signature.bind`` it does not)."""
 
     params: tuple[tuple[str, Any, Any], ...]  # (name, kind, default) in signature order
+    variadic: bool  # it has a *args: the parameters before it bind by position only
 
     @staticmethod
     def of(signature: inspect.Signature) -> "Binder":
-        return Binder(tuple((p.name, p.kind, p.default) for p in signature.parameters.values()))
+        params = tuple((p.name, p.kind, p.default) for p in signature.parameters.values())
+        return Binder(params, any(kind is inspect.Parameter.VAR_POSITIONAL for _, kind, _ in params))
 
-    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any] | str:
-        """Argument name -> value, defaults applied, as ``Signature.bind`` + ``apply_defaults``; or why not."""
+    def bind(self, args: tuple, kwargs: dict) -> list[tuple[str, Any, Any]] | str:
+        """``(name, kind, value)`` per parameter in signature order, defaults applied, as ``Signature.bind``
+        + ``apply_defaults``; or why the call does not bind."""
         empty, P = inspect.Parameter.empty, inspect.Parameter
-        pending, named, bound = list(args), dict(kwargs), {}
+        pending, named, bound = list(args), dict(kwargs), []
         for name, kind, default in self.params:
             if kind is P.VAR_POSITIONAL:
-                bound[name], pending = tuple(pending), []
+                value, pending = tuple(pending), []
             elif kind is P.VAR_KEYWORD:
-                bound[name], named = named, {}
+                value, named = named, {}
             elif kind is not P.KEYWORD_ONLY and pending:
                 if name in named:
                     return f"multiple values for argument {name!r}"
-                bound[name] = pending.pop(0)
+                value = pending.pop(0)
             elif kind is not P.POSITIONAL_ONLY and name in named:
-                bound[name] = named.pop(name)
+                value = named.pop(name)
             elif default is not empty:
-                bound[name] = default
+                value = default
             else:
                 return f"missing a required argument: {name!r}"
+            bound.append((name, kind, value))
         if pending or named:
             return f"unexpected arguments: {len(pending)} positional, {sorted(named)}"
         return bound
@@ -108,20 +112,17 @@ def call_spec(binder: Binder, module: nn.Module, args: tuple, kwargs: dict) -> t
     bound = binder.bind(args, kwargs)
     if isinstance(bound, str):
         return f"its arguments do not bind to the forward ({bound})"
-    kinds = {name: kind for name, kind, _ in binder.params}
     inputs: list = []
     objects: list = []
     layout = []
-    variadic = inspect.Parameter.VAR_POSITIONAL in kinds.values()
-    for name, value in bound.items():
-        kind = kinds[name]
+    for name, kind, value in bound:
         if kind is inspect.Parameter.VAR_KEYWORD:
             items = tuple((key, _leaf_layout(value[key], inputs, objects)) for key in sorted(value))
             layout.append((name, "**", items))
             continue
         sub = _leaf_layout(tuple(value) if kind is inspect.Parameter.VAR_POSITIONAL else value, inputs, objects)
         tag = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.POSITIONAL_ONLY: "/"}.get(kind, "")
-        if variadic and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        if binder.variadic and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             tag = "/"  # before a *args: only by position
         layout.append((name, tag, sub))
     layout_t = tuple(layout)
@@ -163,12 +164,12 @@ def probe_specs(module: nn.Module, forward: Callable | None = None) -> list[tupl
         return []
     args = tuple(torch.empty(0) for p in required if p.kind is not p.KEYWORD_ONLY)
     base = {} if required or not params else {params[0].name: torch.empty(0)}
-    specs = []
+    specs, binder = [], Binder.of(signature)
     with torch.enable_grad():
         for p in params:
             if p.default is not None or p.name in base or p.kind is p.POSITIONAL_ONLY:
                 continue
-            found = call_spec(Binder.of(signature), module, args, {**base, p.name: torch.empty(0)})
+            found = call_spec(binder, module, args, {**base, p.name: torch.empty(0)})
             if not isinstance(found, str):
                 specs.append(found)
     return specs
