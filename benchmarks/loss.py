@@ -14,7 +14,9 @@ Implementations, each in fresh processes (``benchmarks/measure.py``), alternatin
 * ``deepspeed``: ``TiledFusedLogitsLoss`` with the same number of shards as fxtile and its ``mean``
   reduction (the mean of the shard means: exact here, where the shards are equal and no row is ignored;
   its weight gradients are accumulated in its forward for an upstream gradient of 1, so the loss cannot
-  be rescaled afterwards).
+  be rescaled afterwards);
+* ``liger`` (only when named in ``--impls``): Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``
+  (Triton, CUDA only; chunked, gradients computed in its forward).
 
 The floor is what any implementation must hold: the hidden states, their gradient and the head
 weight's gradient, ``(2 x S x H + V x H) x bytes``. The input gradient and the loss are computed, so the
@@ -29,6 +31,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,8 +39,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import measure, run_fresh  # noqa: E402  (benchmarks/measure.py)
 
-IMPLS = ("untiled", "fxtile", "torch", "deepspeed")
+IMPLS = ("untiled", "fxtile", "torch", "deepspeed", "liger")
+DEFAULT_IMPLS = ("untiled", "fxtile", "torch", "deepspeed")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _fresh(cmd: list[str], memory: bool, device: str) -> dict:
+    """``run_fresh``, saying why a worker failed (its stderr) before the error ends the benchmark."""
+    try:
+        return run_fresh(cmd, memory, device)
+    except subprocess.CalledProcessError as exc:
+        sys.stderr.write(f"worker {' '.join(map(str, cmd[1:3]))} failed; its stderr ends:\n{(exc.stderr or '')[-3000:]}\n")
+        raise
 
 
 def _head(hidden: int, vocab: int, dtype, device: str):
@@ -80,6 +93,11 @@ def _loss_fn(impl: str, head, rows: int, hidden: int, vocab: int):
             return F.cross_entropy(module.lm_head(x).float().view(-1, vocab), y.view(-1))
 
         return lambda h, y: TiledFusedLogitsLoss.apply(shard_loss, head, h, y, None, shards, [head.lm_head.weight], "mean")
+    if impl == "liger":
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+        return lambda h, y: liger(head.lm_head.weight, h.view(-1, hidden), y.view(-1))
     return head
 
 
@@ -175,7 +193,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per process after the first")
     parser.add_argument("--mem-gb", type=float, default=0.0, help="address-space cap per process (0: none)")
-    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
     parser.add_argument("--model", action="store_true", help="whole tiny Llama: untiled vs fxtile (loss=True)")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--grads", help=argparse.SUPPRESS)
@@ -193,12 +211,12 @@ def main() -> None:
         grads = {i: os.path.join(tmp, f"{i}.pt") for i in impls}
         for r in range(args.rounds):
             for impl in (impls if r % 2 == 0 else impls[::-1]):
-                mem = run_fresh([__file__, "--worker", impl, *flags, *(["--grads", grads[impl]] if r == 0 and not args.model else [])],
+                mem = _fresh([__file__, "--worker", impl, *flags, *(["--grads", grads[impl]] if r == 0 and not args.model else [])],
                                 True, args.device)
                 if "oom" in mem:
                     results[impl].append(mem)
                     continue
-                timing = run_fresh([__file__, "--worker", impl, *flags], False, args.device)
+                timing = _fresh([__file__, "--worker", impl, *flags], False, args.device)
                 results[impl].append({"peak": mem["peak"], "time": timing["time"]})
         diffs = {}
         if not args.model and os.path.exists(grads.get("untiled", "")):

@@ -3,6 +3,11 @@
     python benchmarks/mlp.py                       # S=16384, H=512, I=2048, fp32, batch 1
     python benchmarks/mlp.py --seq 32768 --dtype bf16 --rounds 5
     python benchmarks/mlp.py --model               # a tiny Llama with gradient checkpointing
+    python benchmarks/mlp.py --device cuda --dtype bf16 --impls untiled,fxtile,liger
+
+``--impls`` picks the implementations (``untiled`` first; default untiled, fxtile, deepspeed). ``liger``
+is Liger-Kernel's ``LigerTiledSwiGLUMLP`` (Triton SiLU-mul, CUDA only) with its default
+``ceil(S/H)`` shards, given the same weights.
 
 Each measurement runs in a fresh process (so one run's allocator state cannot leak into another),
 memory and time in separate processes (``benchmarks/measure.py`` says how and why), the
@@ -19,6 +24,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +32,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import measure, run_fresh  # noqa: E402  (benchmarks/measure.py)
 
-IMPLS = ("untiled", "fxtile", "deepspeed")
+IMPLS = ("untiled", "fxtile", "deepspeed", "liger")
+DEFAULT_IMPLS = ("untiled", "fxtile", "deepspeed")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _fresh(cmd: list[str], memory: bool, device: str) -> dict:
+    """``run_fresh``, saying why a worker failed (its stderr) before the error ends the benchmark."""
+    try:
+        return run_fresh(cmd, memory, device)
+    except subprocess.CalledProcessError as exc:
+        sys.stderr.write(f"worker {' '.join(map(str, cmd[1:3]))} failed; its stderr ends:\n{(exc.stderr or '')[-3000:]}\n")
+        raise
 
 
 def _gated_mlp(hidden: int, inter: int, dtype, device: str):
@@ -49,7 +65,8 @@ def _gated_mlp(hidden: int, inter: int, dtype, device: str):
 
 
 def _wrap(impl: str, mlp, seq: int, hidden: int, shards: str):
-    """The module to run: the MLP itself, fxtile's tiling of it, or DeepSpeed's TiledMLP around it."""
+    """The module to run: the MLP itself, fxtile's tiling of it, DeepSpeed's TiledMLP around it, or
+    Liger's tiled SwiGLU MLP holding the same weights."""
     import torch
 
     if impl == "fxtile":
@@ -71,6 +88,18 @@ def _wrap(impl: str, mlp, seq: int, hidden: int, shards: str):
                 return TiledMLP.apply(lambda m, xs: m(xs), self.mlp, x, n, params)
 
         return DeepSpeedTiled()
+    if impl == "liger":
+        from types import SimpleNamespace
+
+        from liger_kernel.transformers.tiled_mlp import LigerTiledSwiGLUMLP
+
+        inter = mlp.gate_proj.out_features
+        config = SimpleNamespace(hidden_size=hidden, intermediate_size=inter, hidden_act="silu")
+        weight = mlp.gate_proj.weight
+        with torch.device(weight.device):
+            liger = LigerTiledSwiGLUMLP(config).to(weight.dtype)
+        liger.load_state_dict(mlp.state_dict())  # same parameter names: gate_proj, up_proj, down_proj
+        return liger
     return mlp
 
 
@@ -150,7 +179,7 @@ def _run_worker(impl: str, args: argparse.Namespace, grads: str | None, what: st
     cmd += ["--model"] if args.model else []
     cmd += ["--compile"] if args.compile else []
     cmd += ["--grads", grads] if grads else []
-    return run_fresh(cmd, what == "memory", args.device)
+    return _fresh(cmd, what == "memory", args.device)
 
 
 def _max_grad_diff(a: str, b: str) -> float:
@@ -174,6 +203,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per process after the first")
     parser.add_argument("--model", action="store_true", help="whole tiny Llama with gradient checkpointing")
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) untiled and fxtile")
+    parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
+                        help=f"comma-separated, 'untiled' first, from {', '.join(IMPLS)} (--model, --compile: untiled,fxtile)")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--grads", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +215,9 @@ def main() -> None:
         print(json.dumps(model_worker(args) if args.model else worker(args)))
         return
 
-    impls = ("untiled", "fxtile") if args.model or args.compile else IMPLS
+    impls = ("untiled", "fxtile") if args.model or args.compile else tuple(args.impls.split(","))
+    if impls[0] != "untiled" or not set(impls) <= set(IMPLS):
+        parser.error(f"--impls: 'untiled' first, then any of {', '.join(IMPLS[1:])}; got {args.impls!r}")
     results: dict[str, list[dict]] = {i: [] for i in impls}
     with tempfile.TemporaryDirectory() as tmp:
         grads = {i: os.path.join(tmp, f"{i}.pt") for i in impls}

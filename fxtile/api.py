@@ -151,7 +151,8 @@ class _Walk:
         for kind in KINDS:
             result = kind.plan(module, ctx)
             if isinstance(result, Planned):
-                del self.skipped[reported:]  # the block covers what its descendants refused
+                if not found:  # the block covers what its descendants refused (a nesting loss head does not)
+                    del self.skipped[reported:]
                 self.opaque.append(module)
                 if self.retile is None and module in _REFUSED:  # find(): the last transform's self-check said no
                     self.skipped += _REFUSED[module]
@@ -274,11 +275,12 @@ def transform(
         raise TypeError(f"verify must be True or False, got {type(verify).__name__} {verify!r}")
     walk = _Walk(filter_fn, _patterns(loss), retile=policy)
     built: list[tuple[nn.Module, TileState]] = []
+    checked: dict = {}  # self-check verdicts and memory profiles by region structure: identical layers once
     try:
         walk.visit("", model)
         refused: list[tuple[nn.Module, list[Skipped]]] = []
         for planned in walk.planned:  # build every block before installing any
-            result = planned.build(policy, verify)
+            result = planned.build(policy, verify, checked)
             if isinstance(result, TileState):
                 built.append((planned.module, result))
             refusals = [] if isinstance(result, TileState) else result

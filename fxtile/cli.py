@@ -180,8 +180,11 @@ def _table(matches: Matches, memory: dict[tuple[str, tuple[str, ...]], MlpMemory
     rows = [("module", "pattern", "roles", "shards", "activation memory")]
     for m in matches:
         mem = memory.get((m.path, m.nodes))
-        shards = str(mem.shards) if mem else "-"
+        shards = ("untiled" if mem.shards == 1 else str(mem.shards)) if mem else "-"
         cell = f"{human(mem.peak_before)} -> {human(mem.peak_after)}" if mem else ("not estimated" if m.tiled else "not tiled")
+        if mem and mem.shards == 1 and m.tiled:
+            since = f" from {m.tiled_from} tokens" if m.tiled_from else " at no length"
+            cell += f" (tiled{since}: below, one untiled call holds less)"
         rows.append((m.path or "(root)", m.pattern, _roles(m.roles), shards, cell))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
@@ -201,6 +204,8 @@ def _plan_json(args, config, model: nn.Module, matches: Matches, memory, entries
             "kept_bytes_before": mem.kept_before if mem else None,
             "kept_bytes_after": mem.kept_after if mem else None,
             "weight_grad_workspace_bytes": mem.weight_grad_workspace if mem else None,
+            "fp32_weight_grad_sums": mem.fp32_sums if mem else None,
+            "tiled_from_tokens": m.tiled_from,
         })
     return {
         "model": args.model, "model_type": getattr(config, "model_type", None), "class": type(model).__name__,
@@ -228,7 +233,12 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
     start = time.perf_counter()
     config = load_config(args.model, args.trust_remote_code)
     try:
-        model = build_model(config, "meta", args.trust_remote_code)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[args.dtype])  # planned in the training dtype: profiles and estimate alike
+        try:
+            model = build_model(config, "meta", args.trust_remote_code)
+        finally:
+            torch.set_default_dtype(default)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -13,8 +13,11 @@ keeps four) and the tiled op's backward has its own working set (the recomputed 
 gradient it fills, fp32 weight-gradient accumulators for bf16/fp16 weights). So the matched region's
 own code is run, forward and backward, on the **meta device** at the real size (shapes only: no
 memory, milliseconds per layer), and every tensor storage it creates is counted from allocation
-until autograd frees it (:class:`_LiveBytes`). The untiled side runs the region under autograd; the
-tiled side runs the op's own forward and backward kernels (``fxtile.op``) shard by shard.
+until autograd frees it (:mod:`fxtile.memory`, which also gives the policy its per-call profile). The
+untiled side runs the region under autograd; the tiled side runs the op's own forward and backward
+kernels (``fxtile.op``) shard by shard, with the shard count and the precision of the weight-gradient
+sums that ``shards="auto"`` picks at that many tokens (one shard: the call runs untiled, because tiling
+would not lower its peak).
 
 For a SiLU-gated MLP (Llama) with ``N`` tokens, intermediate size ``I`` and ``b`` bytes per element
 this gives ``kept = 4·N·I·b`` (gate, act, up, product) and ``peak = 6·N·I·b`` untiled (in the
@@ -35,20 +38,16 @@ The whole model's number is :func:`total_peak`: backward runs the layers in reve
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from passes.trace import get_path
 
-from . import op
+from . import memory
 from .api import tiled_regions
-from .kernels import loss as loss_kernel
 from .kernels.shards import shard_bounds
 from .region import TiledRegion
 
@@ -62,129 +61,36 @@ class MlpMemory:
     path: str
     nodes: tuple[str, ...]  # the region's fx nodes, as in ``fxtile.Match.nodes``
     tokens: int
-    shards: int  # shards the region runs in at ``tokens`` rows (1: it runs untiled)
+    shards: int  # shards the region runs in at ``tokens`` rows (1: it runs untiled, tiling would not pay)
     kept_before: int  # kept from forward to backward
     peak_before: int  # highest point of forward + backward
     kept_after: int
     peak_after: int
     weight_grad_workspace: int  # part of ``peak_after``: the op's weight-gradient sums and per-shard grads
                                 # (weight-sized, not token-sized: fp32 sums for bf16/fp16 weights)
+    fp32_sums: bool = True  # how the tiled call sums low-precision weight gradients at this size
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of every tensor storage created under it, from creation until it is freed.
-
-    A storage's Python object lives exactly as long as the storage (PyTorch preserves it), so a weak
-    reference's callback marks the free. Views share their base's storage and are counted once.
-    Storages that existed before (weights, input, output gradient) are never counted.
-    """
-
-    def __init__(self, existing: Iterable[torch.Tensor]) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._refs: dict[int, Optional[weakref.ref]] = {}
-        self._existing = [t.untyped_storage() for t in existing]
-        for storage in self._existing:
-            self._refs[id(storage)] = None
-
-    def _count(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        if key in self._refs:
-            return
-        size = storage.nbytes()
-        self.live += size
-        self.peak = max(self.peak, self.live)
-
-        def freed(_ref: weakref.ref, key: int = key, size: int = size) -> None:
-            self.live -= size
-            self._refs.pop(key, None)
-
-        self._refs[key] = weakref.ref(storage, freed)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
-                self._count(value)
-        return out
-
-
-def _region_tensors(owner: nn.Module, region: TiledRegion, dtype: Optional[torch.dtype]) -> list[torch.Tensor]:
-    """Meta tensors shaped like the region's weights (read from ``owner``, the tiled module), at ``dtype``.
-
-    Trainable ones (``requires_grad`` on the model's own tensor: a frozen LoRA base weight gets no
-    gradient) get a ``.grad``, as in any step after the first, so its memory is not counted.
-    """
-    out = []
-    for name in region.tensor_paths:
-        value = get_path(owner, name)
-        cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
-        tensor = torch.empty(value.shape, dtype=cast, device="meta", requires_grad=value.requires_grad)
-        if tensor.requires_grad:
-            tensor.grad = torch.zeros_like(tensor)
-        out.append(tensor)
-    return out
-
-
-def _replay(
-    owner: nn.Module, region: TiledRegion, tokens: int, dtype: Optional[torch.dtype],
-) -> tuple[int, int, int, int, int, int]:
-    """(shards, kept_before, peak_before, kept_after, peak_after, workspace) for one region, on meta."""
-    tensors = _region_tensors(owner, region, dtype)
-    grads = [t.grad for t in tensors if t.grad is not None]
-    x_dtype = dtype or next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-    x = torch.empty(tokens, region.region.hidden_size, device="meta", dtype=x_dtype, requires_grad=True)
-    rows = [x] + [torch.empty(tokens, dtype=torch.long, device="meta") for p in region.region.inputs[1:]]  # targets
-    shards = len(shard_bounds(tokens, int(region.shards_for(tokens))))  # the op's own clamping
-
-    with _LiveBytes([*rows, *tensors, *grads]) as counter:  # untiled: the region under autograd
-        y = region.region.run(rows, tensors, _training(region))
-        dy = torch.empty_like(y)
-        out_bytes = 2 * y.untyped_storage().nbytes()  # the output and its incoming gradient
-        kept_before = counter.live - out_bytes
-        torch.autograd.backward(y, dy)
-        peak_before = counter.peak - out_bytes
-        del y, dy
+def _replay(owner: nn.Module, region: TiledRegion, tokens: int, dtype: Optional[torch.dtype]) -> tuple:
+    """(shards, kept_before, peak_before, kept_after, peak_after, workspace, fp32) for one region, on meta."""
+    live = [get_path(owner, name) for name in region.tensor_paths]
+    modes = _training(region)
+    tensors = memory.replay_tensors(live, "meta", dtype)
+    profile = memory.profile(region.region, tensors, modes)
+    plan = region.policy.plan(tokens, int(region.shards_for(tokens)), profile if not isinstance(profile, str) else None)
+    shards = len(shard_bounds(tokens, plan.shards))  # the op's own clamping
+    like = next(t for t in tensors if t.is_floating_point())
+    kept_before, peak_before = memory.replay_untiled(region.region, memory.replay_rows(region.region, tokens, like),
+                                                     memory.replay_tensors(live, "meta", dtype), modes)
     if shards == 1:  # the tiled call runs the region directly: nothing changes
-        return shards, kept_before, peak_before, kept_before, peak_before, 0
-    kept_after, peak_after = _replay_tiled(region, rows, tensors, shards, weight_grads=True)
-    _, without = _replay_tiled(region, rows, tensors, shards, weight_grads=False)
-    return shards, kept_before, peak_before, kept_after, peak_after, max(0, peak_after - without)
-
-
-def _accumulate(tensors: list[torch.Tensor], needs: list[bool], result: list) -> None:
-    """What AccumulateGrad does with the op's weight gradients (``result[0]`` is the input's)."""
-    for tensor, need, grad in zip(tensors, needs[1:], result[1:]):
-        if need and grad is not None:
-            tensor.grad.add_(grad)
-
-
-def _replay_tiled(
-    region: TiledRegion, rows: list[torch.Tensor], tensors: list[torch.Tensor], shards: int, weight_grads: bool,
-) -> tuple[int, int]:
-    """(kept, peak) of the op's own forward and backward kernels, run as autograd runs them."""
-    x_in, t_in = rows[0].detach(), [t.detach() for t in tensors]
-    grads = [t.grad for t in tensors if t.grad is not None]
-    needs = [True] + [weight_grads and t.requires_grad for t in tensors]
-    if region.region.loss is not None:  # the loss op: every gradient computed in its forward, kept until backward
-        with _LiveBytes([x_in, *rows[1:], *t_in, *grads]) as counter, torch.no_grad():
-            _, result = loss_kernel.forward(region.region.loss, x_in, rows[1], t_in, shards, needs)
-            kept = counter.live
-            _accumulate(tensors, needs, result)  # backward scales them in place and hands them over
-            del result
-            return kept, counter.peak
-    with _LiveBytes([x_in, *t_in, *grads]) as counter, torch.no_grad():  # as in the op's kernel
-        y = op.forward_kernel(region.region, [x_in], t_in, shards, _training(region))
-        dy = torch.empty_like(y)
-        out_bytes = 2 * y.untyped_storage().nbytes()
-        kept = counter.live - out_bytes  # the op saves its input and weights: nothing new
-        no_rng = torch.empty(0, dtype=torch.uint8)
-        result = op.backward_kernel(region.region, dy, [x_in], t_in, shards, _training(region), no_rng, needs)
-        _accumulate(tensors, needs, result)
-        del result, y, dy
-        return kept, counter.peak - out_bytes
+        return shards, kept_before, peak_before, kept_before, peak_before, 0, plan.fp32_sums
+    rows = memory.replay_rows(region.region, tokens, like)
+    kept_after, peak_after = memory.replay_tiled(region.region, rows, memory.replay_tensors(live, "meta", dtype), modes,
+                                                 shards, plan.fp32_sums)
+    frozen = [t.detach() for t in memory.replay_tensors(live, "meta", dtype)]  # no weight gradients at all
+    _, without = memory.replay_tiled(region.region, memory.replay_rows(region.region, tokens, like), frozen, modes,
+                                     shards, plan.fp32_sums)
+    return shards, kept_before, peak_before, kept_after, peak_after, max(0, peak_after - without), plan.fp32_sums
 
 
 def _training(region: TiledRegion) -> list[bool]:

@@ -38,9 +38,10 @@ from passes.rewrite import rewrite
 from passes.specialize import ROOT, Binder, CallSpec, Traced, bound_signature, call_spec, default_spec, probe_specs, trace_call
 from passes.trace import get_path, module_stack, outside_modules, trace
 
+from . import memory, verify
 from .policy import ShardPolicy
 from .region import TiledLoss, TiledRegion
-from .verify import Check, check_region
+from .verify import Check, structure_key
 
 __all__ = ["KINDS", "STATE", "Context", "Declined", "Match", "Planned", "Skipped", "TileState"]
 
@@ -71,6 +72,10 @@ class Match:
     method: str = "forward"
     verified: Optional[bool] = None
     check: str = ""
+    # about the smallest number of tokens (rows) a call needs to run tiled: below it ``shards="auto"`` runs
+    # the region untiled, because one untiled call holds less memory (the tiled backward's weight-gradient
+    # workspace outweighs the saving) or the rules ask for one shard; None: never (within 2**26 tokens)
+    tiled_from: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -135,12 +140,14 @@ class Planned:
     payload: object  # the kind's own: a traced graph and its candidates, an expert match, a per-call trace
     attr: str = "forward"
 
-    def build(self, policy: ShardPolicy, verify: bool) -> Union[TileState, list[Skipped]]:
-        return self.kind.build(self, policy, verify)
+    def build(self, policy: ShardPolicy, verify: bool, checked: dict) -> Union[TileState, list[Skipped]]:
+        """``checked``: self-check verdicts and memory profiles by region structure, shared by every block of
+        one ``transform`` (see :func:`tile_graph`)."""
+        return self.kind.build(self, policy, verify, checked)
 
 
 def match_of(path: str, cand: Candidate, method: str = "forward", policy: Optional[ShardPolicy] = None,
-             check: Optional[Check] = None, prefix: str = "") -> Match:
+             check: Optional[Check] = None, prefix: str = "", tiled: Optional[TiledRegion] = None) -> Match:
     """The public record of a candidate; ``prefix``: the block's path in the traced root (names are
     given relative to the block)."""
     def rel(name: str, sep: str) -> str:
@@ -152,6 +159,7 @@ def match_of(path: str, cand: Candidate, method: str = "forward", policy: Option
         nodes=tuple(rel(n.name, "_") for n in cand.nodes), tiled=policy is not None,
         shards=policy.describe() if policy is not None else None, method=method,
         verified=check.passed if check is not None else None, check=check.detail if check is not None else "",
+        tiled_from=tiled.tiled_from() if tiled is not None else None,
     )
 
 
@@ -199,34 +207,35 @@ def _warn_about_hooks(path: str, root: nn.Module, gm: fx.GraphModule, cand: Cand
         )
 
 
-def _self_check(tiled: TiledRegion, root: nn.Module, verify: bool, checked: Optional[dict] = None) -> Check:
-    """The self-check's verdict on ``root``'s live tensors and modes; ``checked`` caches verdicts by the
-    region's code, tensor shapes and modes."""
-    if not verify:
-        return Check(None, None, "not verified (verify=False)")
+def _self_check(tiled: TiledRegion, root: nn.Module, run_check: bool, checked: dict) -> Check:
+    """The self-check's verdict on ``root``'s live tensors and modes, and the region's memory profile (what
+    ``shards="auto"`` decides each call by). ``checked`` holds both by the region's structure
+    (:func:`fxtile.verify.structure_key`): a model's identical layers are checked and profiled once."""
     tensors = [get_path(root, p) for p in tiled.tensor_paths]
     modes = tiled.live_modes([get_path(root, p) for p in tiled.module_paths])
-    key = None
-    if checked is not None:
-        key = (tiled.region.template.code, tiled.tensor_paths, tuple((tuple(t.shape), t.dtype) for t in tensors),
-               tuple(modes))
-        if key in checked:
-            return checked[key]
-    check = check_region(tiled, tensors, modes)
-    if checked is not None:
-        checked[key] = check
+    key = structure_key(tiled, tensors, modes)
+    if key not in checked:
+        check = verify.check_region(tiled, tensors, modes) if run_check else Check(None, None, "not verified (verify=False)")
+        found = memory.profile(tiled.region, tensors, modes) if check.passed is not False else "not profiled"
+        checked[key] = (check, found)
+    check, found = checked[key]
+    if isinstance(found, str):
+        tiled.region.profile, tiled.region.profile_note = None, found
+    else:
+        tiled.region.profile, tiled.region.profile_note = found, "profiled"
     return check
 
 
 def tile_graph(
     path: str, gm: fx.GraphModule, candidates: list[Candidate], policy: ShardPolicy, verify: bool,
-    root: nn.Module, prefix: str = "", method: str = "forward", checked: Optional[dict] = None,
+    root: nn.Module, checked: dict, prefix: str = "", method: str = "forward",
 ) -> tuple[list[Match], list[TiledRegion], list[Skipped]]:
-    """Build each region once, check it, and rewrite ``gm`` with the regions that pass (in place).
+    """Build each region once, check and profile it, and rewrite ``gm`` with the regions that pass (in place).
 
-    ``checked``: verdicts of regions this block already checked, by code and tensor shapes; a block
-    traced per call builds the same region again for other call signatures, and checks it once (at
-    transform, before any wrapper such as FSDP's swaps its parameters for views mid-forward)."""
+    ``checked``: verdicts and profiles by region structure (:func:`fxtile.verify.structure_key`), shared by
+    the blocks of one transform: identical layers are checked once, and a block traced per call that builds
+    the same region again for another call signature reuses the verdict it got at transform (before any
+    wrapper such as FSDP's swaps its parameters for views mid-forward)."""
     matches, regions, skipped, kept = [], [], [], []
     for i, cand in enumerate(candidates):
         region = build_region(gm, cand, f"{cand.pattern}_{i}")
@@ -237,7 +246,7 @@ def tile_graph(
             continue
         _warn_about_hooks(path, root, gm, cand, prefix)
         kept.append((cand, tiled))
-        matches.append(match_of(path, cand, method, policy, check, prefix))
+        matches.append(match_of(path, cand, method, policy, check, prefix, tiled))
         regions.append(tiled)
     if kept:
         rewrite(gm, kept)
@@ -254,7 +263,7 @@ class BlockKind:
     def plan(self, module: nn.Module, ctx: Context) -> Union[Planned, list[Skipped], Declined]:
         raise NotImplementedError
 
-    def build(self, planned: Planned, policy: ShardPolicy, verify: bool) -> Union[TileState, list[Skipped]]:
+    def build(self, planned: Planned, policy: ShardPolicy, verify: bool, checked: dict) -> Union[TileState, list[Skipped]]:
         raise NotImplementedError
 
 
@@ -282,9 +291,9 @@ class TracedBlock(BlockKind):
             return Declined("it returns the logits beside the loss, so it is traced per call (with and without grad)")
         return Planned(self, ctx.path, module, [match_of(ctx.path, c) for c in candidates], (gm, candidates))
 
-    def build(self, planned, policy, verify):
+    def build(self, planned, policy, verify, checked):
         gm, candidates = planned.payload
-        matches, regions, skipped = tile_graph(planned.path, gm, candidates, policy, verify, planned.module)
+        matches, regions, skipped = tile_graph(planned.path, gm, candidates, policy, verify, planned.module, checked)
         if not regions:
             return skipped
         return TileState(self.name, "forward", type(gm).forward, matches, regions, policy, refused=skipped)
@@ -301,24 +310,26 @@ class ExpertBank(BlockKind):
             return [Skipped(ctx.path, f"expert bank: {found}")]
         return Planned(self, ctx.path, module, [bank_match(ctx.path, found)], found)
 
-    def build(self, planned, policy, verify):
+    def build(self, planned, policy, verify, checked):
         bank: ExpertsMatch = planned.payload
         tiled = TiledRegion(bank_region(planned.module, bank, "routed_experts_0"), policy)
-        check = _self_check(tiled, planned.module, verify)
+        check = _self_check(tiled, planned.module, verify, checked)
         if check.passed is False:
             return [Skipped(planned.path, f"expert bank: {check.detail}")]
         gm = experts_forward(planned.module, bank, tiled)
-        match = bank_match(planned.path, bank, policy, check)
+        match = bank_match(planned.path, bank, policy, check, tiled)
         return TileState(self.name, "forward", type(gm).forward, [match], [tiled], policy)
 
 
-def bank_match(path: str, bank: ExpertsMatch, policy: Optional[ShardPolicy] = None, check: Optional[Check] = None) -> Match:
+def bank_match(path: str, bank: ExpertsMatch, policy: Optional[ShardPolicy] = None, check: Optional[Check] = None,
+               tiled: Optional[TiledRegion] = None) -> Match:
     return Match(
         path=path, pattern="routed_experts", roles={"experts": ", ".join(bank.tensor_names)},
         activation=bank.activation, hidden_size=bank.hidden_size, intermediate_size=bank.intermediate_size,
         nodes=(path.rsplit(".", 1)[-1] or "experts",), tiled=policy is not None,
         shards=policy.describe() if policy is not None else None,
         verified=check.passed if check is not None else None, check=check.detail if check is not None else "",
+        tiled_from=tiled.tiled_from() if tiled is not None else None,
     )
 
 
@@ -371,7 +382,7 @@ class PerCall:
     patterns: tuple
     policy: ShardPolicy
     verify: bool
-    checked: dict = field(default_factory=dict)  # self-check verdicts by region (see tile_graph)
+    checked: dict = field(default_factory=dict)  # self-check verdicts and profiles by structure (see tile_graph)
     cache: _SpecCache = field(default_factory=_SpecCache)
     untiled_calls: int = 0
     warned: bool = False
@@ -403,7 +414,7 @@ class PerCall:
             reason = rejections[0].reason if rejections else "no region in the graph of this call"
             return _Untiled(reason, warn=not expected)
         _, regions, skipped = tile_graph(self.path, traced.graph_module, candidates, self.policy, self.verify,
-                                         traced.root, ROOT, self.attr, self.checked)
+                                         traced.root, self.checked, ROOT, self.attr)
         if not regions:
             return _Untiled("; ".join(s.reason for s in skipped))
         return _Entry(traced.graph_module, traced.root, traced.out_spec, regions)
@@ -459,12 +470,15 @@ class PerCallBlock(BlockKind):
         if not specs:
             return Declined("its forward takes no required argument")
         results = []
+        leaves = ctx.leaves  # grows with the submodules a call found untraceable: the next call starts with them
         with torch.enable_grad():  # planned for a training call
             for spec, _ in specs:
                 results.append((spec, match_graph(lambda leaves: trace_call(module, spec, leaves, function),
-                                                  ctx.leaves, ctx.patterns, lambda t: t.root, ROOT)))
-                if not isinstance(results[-1][1], str) and results[-1][1][1]:
-                    break  # the first call whose graph holds a region
+                                                  leaves, ctx.patterns, lambda t: t.root, ROOT)))
+                if not isinstance(results[-1][1], str):
+                    if results[-1][1][1]:
+                        break  # the first call whose graph holds a region
+                    leaves = leaves | results[-1][1][0].leaves
         traced_ok = [(s, r) for s, r in results if not isinstance(r, str)]
         spec, result = next(((s, r) for s, r in traced_ok if r[1]), None) or next(
             ((s, r) for s, r in traced_ok if r[2]), None) or results[0]
@@ -484,13 +498,12 @@ class PerCallBlock(BlockKind):
         matches = [match_of(ctx.path, c, attr, prefix=ROOT) for c in candidates]
         return Planned(self, ctx.path, module, matches, (spec, traced, ctx.patterns, candidates), attr)
 
-    def build(self, planned, policy, verify):
+    def build(self, planned, policy, verify, checked):
         module, attr = planned.module, planned.attr
         spec, traced, patterns, candidates = planned.payload
         function = getattr(type(module), attr)
-        checked: dict = {}
         matches, regions, skipped = tile_graph(planned.path, traced.graph_module, candidates, policy, verify,
-                                               traced.root, ROOT, attr, checked)
+                                               traced.root, checked, ROOT, attr)
         if not regions:
             return skipped
         per_call = PerCall(planned.path, attr, function, Binder.of(bound_signature(module, function)), traced.leaves,

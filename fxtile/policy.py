@@ -1,18 +1,58 @@
-"""How many shards a tiled MLP call is split into.
+"""How a tiled call runs: how many shards, whether at all, and in which precision weight gradients sum.
 
-The trade: more shards mean a smaller per-shard intermediate (``rows/shards x intermediate``
-elements alive at once instead of ``rows x intermediate``), fewer shards mean bigger, more efficient
-matmuls and less per-shard overhead. ``ShardPolicy`` states both limits; ``shards="auto"`` is
-``ShardPolicy()``.
+The trade: more shards mean a smaller per-shard intermediate (``rows/shards x intermediate`` elements
+alive at once instead of ``rows x intermediate``), fewer shards mean bigger, more efficient matmuls and
+less per-shard overhead. ``ShardPolicy`` states both limits; ``shards="auto"`` is ``ShardPolicy()``.
+
+Why tiling is not always a saving: the tiled backward sums each weight's gradient over the shards in a
+workspace the untiled step does not need (fp32 sums for bf16/fp16 weights), and that workspace is
+weight-sized while the saving is token-sized. So ``"auto"`` compares, for each call, the region's peak
+untiled and tiled at that call's token count (:class:`MemoryProfile`, measured once per region by
+replaying its kernels, see :mod:`fxtile.memory`) and runs the call untiled where tiling would not lower
+it. Where fp32 sums would eat much of the saving, the gradients sum in the weights' own dtype instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-__all__ = ["ShardPolicy", "as_policy"]
+__all__ = ["ACCUMULATE", "CallPlan", "MemoryProfile", "ShardPolicy", "as_policy"]
+
+ACCUMULATE = ("auto", "fp32", "param")
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """A region's training peak in bytes (forward and backward, above its input, output and their
+    gradients), as linear functions of the call's rows: ``untiled(rows)`` and ``tiled(rows, shards,
+    fp32)``. Fitted from replays of the region's own kernels (:func:`fxtile.memory.profile`); exact for
+    code whose allocations grow linearly with the rows, which the kernels' are."""
+
+    untiled_fixed: float  # bytes independent of the rows (weight-gradient transients)
+    untiled_per_row: float
+    tiled_fixed: tuple[float, float]  # (param-dtype sums, fp32 sums): the weight-gradient workspace
+    tiled_per_row: tuple[float, float]  # buffers over every row (the input gradient the op fills, ...)
+    tiled_per_shard_row: tuple[float, float]  # the working set of one shard, per row of the shard
+
+    def untiled(self, rows: int) -> float:
+        return self.untiled_fixed + self.untiled_per_row * rows
+
+    def tiled(self, rows: int, shards: int, fp32: bool) -> float:
+        i = int(fp32)
+        shard_rows = -(-rows // shards)
+        return self.tiled_fixed[i] + self.tiled_per_row[i] * rows + self.tiled_per_shard_row[i] * shard_rows
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What one call runs: ``shards`` (1: the region untiled, at full speed) and whether weight gradients
+    are summed in fp32 (``fp32_sums``; only matters for bf16/fp16 weights)."""
+
+    shards: int
+    fp32_sums: bool = True
 
 
 @dataclass(frozen=True)
@@ -23,18 +63,31 @@ class ShardPolicy:
 
     * memory: each shard's intermediate (``shard_rows x intermediate``) is at most ``budget`` times the
       MLP input (``rows x hidden``), i.e. ``ceil(intermediate / (budget * hidden))`` shards;
-    * speed: no shard smaller than ``min_tokens`` rows, so short inputs run in one untiled call.
+    * speed: no shard smaller than ``min_tokens`` rows, so short inputs run in one untiled call;
+    * worth it: a call whose tiled peak (workspace included) would not be at least ``min_saving`` below
+      the untiled peak runs untiled (see the module docstring).
+
+    ``accumulate``: the precision of the weight-gradient sums of bf16/fp16 weights. ``"fp32"`` sums in
+    float32 (as close to an fp64 reference as the untiled step; costs 4 bytes per weight while the
+    backward runs), ``"param"`` in the weights' own dtype (no workspace; each shard's partial sum is
+    rounded, so the error grows with the square root of the shard count, as in DeepSpeed's and Axolotl's
+    ``TiledMLP``), ``"auto"`` fp32 where its workspace costs at most a quarter of what tiling saves at
+    that call, else the weights' dtype. A fixed ``shards`` count is always honoured, with fp32 sums
+    unless ``accumulate="param"``.
 
     Why these defaults (benchmarks/mlp.py, S=16384, H=512, I=2048, fp32, CPU): a shard's backward
     holds about four ``shard x intermediate`` tensors, so ``budget=0.125`` adds about half an input's
     size on top of the floor (input, output and their grads: 4 x S x H); measured peak 151 MiB =
     1.18x the floor with 32 shards, against 213 MiB (1.67x) with 16. 512-row tiles keep the matmuls
-    large enough to run at full speed.
+    large enough to run at full speed. ``min_saving=0.05``: a saving smaller than that is within the
+    profile's own error and does not pay for the recompute.
     """
 
     shards: int | None = None
     min_tokens: int = 512
     budget: float = 0.125
+    accumulate: str = "auto"
+    min_saving: float = 0.05
 
     def __post_init__(self) -> None:
         if self.shards is not None and (isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1):
@@ -43,9 +96,15 @@ class ShardPolicy:
             raise ValueError(f"ShardPolicy.min_tokens must be a positive int, got {self.min_tokens!r}")
         if not isinstance(self.budget, (int, float)) or isinstance(self.budget, bool) or not self.budget > 0:
             raise ValueError(f"ShardPolicy.budget must be a positive number, got {self.budget!r}")
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(f"ShardPolicy.accumulate must be one of {', '.join(map(repr, ACCUMULATE))}, "
+                             f"got {self.accumulate!r}")
+        if not isinstance(self.min_saving, (int, float)) or isinstance(self.min_saving, bool) or not 0 <= self.min_saving < 1:
+            raise ValueError(f"ShardPolicy.min_saving must be a number in [0, 1), got {self.min_saving!r}")
 
     def count(self, rows: int, hidden: int, intermediate: int) -> int:
-        """Shards for ``rows`` tokens (works with symbolic ``rows`` under ``torch.compile``)."""
+        """Shards for ``rows`` tokens by the memory and speed rules alone (works with symbolic ``rows``
+        under ``torch.compile``)."""
         if self.shards is not None:
             return self.shards
         by_memory = max(1, -(-intermediate // max(1, int(self.budget * hidden))))
@@ -66,6 +125,20 @@ class ShardPolicy:
         by_memory = max(1, -(-vocab // max(1, int(self.budget * hidden))))
         by_speed = torch.sym_max(1, rows // max(1, self.min_tokens // 4))
         return torch.sym_min(by_memory, by_speed)
+
+    def plan(self, rows: int, shards: int, profile: Optional[MemoryProfile]) -> CallPlan:
+        """The call plan for ``rows`` rows, given the shard count the rules chose and the region's memory
+        profile (None: not profiled, the rules decide alone)."""
+        fp32 = self.accumulate != "param"
+        if self.shards is not None or profile is None or shards <= 1:
+            return CallPlan(shards, fp32)
+        untiled = profile.untiled(rows)
+        options = {f: profile.tiled(rows, shards, f) for f in (False, True)}
+        if self.accumulate == "auto":
+            fp32 = options[True] - options[False] <= (untiled - options[False]) / 4
+        if options[fp32] > untiled * (1 - self.min_saving):
+            return CallPlan(1, True)  # tiling would not lower this call's peak: run it untiled
+        return CallPlan(shards, fp32)
 
     def describe(self) -> str:
         return str(self.shards) if self.shards is not None else "auto"

@@ -24,10 +24,10 @@ import warnings
 
 from . import op
 from .kernels import loss as loss_kernel
-from .kernels import mlp
-from .policy import ShardPolicy
+from .kernels.shards import FastPlan
+from .policy import CallPlan, MemoryProfile, ShardPolicy
 
-__all__ = ["ProbeInput", "Region", "TiledLoss", "TiledRegion"]
+__all__ = ["ProbeInput", "Region", "TiledLoss", "TiledRegion", "python_state"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Region:
     def __init__(
         self, template: nn.Module, tensor_paths: tuple[str, ...], module_paths: tuple[str, ...],
         module_types: tuple[type, ...], inputs: tuple[ProbeInput, ...], hidden_size: int, width: int,
-        may_draw_random: bool, fast: Optional[mlp.LinearMLP], label: str,
+        may_draw_random: bool, fast: Optional[FastPlan], label: str,
         loss: Optional[loss_kernel.LossPlan] = None,
     ) -> None:
         self.template = template  # the region's structure, tensors on the meta device, no hooks
@@ -53,6 +53,10 @@ class Region:
         self.inputs, self.hidden_size, self.width = inputs, hidden_size, width
         self.may_draw_random, self.fast, self.label = may_draw_random, fast, label
         self.loss = loss  # a projection + cross-entropy: its plan (the region's output is the loss)
+        # its peak untiled and tiled as functions of the rows, set once built (fxtile.memory); None: not
+        # profiled (``profile_note`` says why) and the shard rules decide alone
+        self.profile: Optional[MemoryProfile] = None
+        self.profile_note = "not profiled yet"
         # the template's copies of the live modules passed to the call, flattened: they take the live modes
         self.moded = tuple(m for p in module_paths for m in template.get_submodule(p).modules())
         self.counters = op.Counters()
@@ -83,7 +87,7 @@ def _freeze(value: object) -> object:
     return None
 
 
-def _python_state(module: nn.Module) -> dict:
+def python_state(module: nn.Module) -> dict:
     """Plain Python attributes of ``module`` and its children, by (child index, name). Attributes a
     framework adds later (FSDP, DeepSpeed) are not compared: only the ones present when tiled."""
     return {
@@ -105,7 +109,7 @@ class TiledRegion:
 
     def __init__(self, region: Region, policy: ShardPolicy) -> None:
         self.region, self.policy = region, policy
-        self._tiled_states = tuple(_python_state(region.template.get_submodule(p)) for p in region.module_paths)
+        self._tiled_states = tuple(python_state(region.template.get_submodule(p)) for p in region.module_paths)
         self.__name__ = self.__qualname__ = region.label  # the generated forward calls it fxtile_<label>
         self.__module__ = "fxtile"
 
@@ -130,7 +134,27 @@ class TiledRegion:
         return self.region.tensor_paths
 
     def shards_for(self, rows: int) -> int:
+        """The shard count the rules give ``rows`` rows, before the memory check of :meth:`call_plan`."""
         return self.policy.count(rows, self.region.hidden_size, self.region.width)
+
+    def tiled_from(self, limit: int = 1 << 26) -> Optional[int]:
+        """About the smallest number of rows at which a call runs tiled (below it, one untiled call costs
+        less memory or the rules ask for one shard); None if no call up to ``limit`` rows does. Found by
+        doubling, then bisecting (the saving grows with the rows)."""
+        rows, below = 2, 1
+        while rows <= limit and self.call_plan(rows).shards <= 1:
+            below, rows = rows, rows * 2
+        if rows > limit:
+            return None
+        while rows - below > 1:
+            mid = (rows + below) // 2
+            below, rows = (below, mid) if self.call_plan(mid).shards > 1 else (mid, rows)
+        return rows
+
+    def call_plan(self, rows: int) -> CallPlan:
+        """How a call over ``rows`` rows runs: the rules' shard count, or untiled where the region's memory
+        profile says tiling would not lower its peak, and the precision of the weight-gradient sums."""
+        return self.policy.plan(rows, self.shards_for(rows), self.region.profile)
 
     def _check_modules(self, modules: Sequence[nn.Module]) -> None:
         """The op runs a copy of the region's structure taken at transform time: refuse to run it if a
@@ -145,7 +169,7 @@ class TiledRegion:
         if torch.compiler.is_compiling():
             return
         for path, module, tiled_state in zip(self.region.module_paths, modules, self._tiled_states):
-            live = _python_state(module)
+            live = python_state(module)
             if any(live.get(key) != value for key, value in tiled_state.items()):
                 raise RuntimeError(
                     f"fxtile: {path!r} inside region {self.__name__} changed since fxtile.transform (its non-tensor "
@@ -159,13 +183,14 @@ class TiledRegion:
         return [m.training for module in modules for m in module.modules()]
 
     def run_tiled(
-        self, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], modes: Sequence[bool], shards: int
+        self, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], modes: Sequence[bool], shards: int,
+        fp32_sums: bool = True,
     ) -> torch.Tensor:
         """The op on these rows: differentiable, with the generator state captured when it will be."""
         needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (*rows, *tensors))
         autocast_dtype = op.autocast_dtype_of(rows[0].device)
         out, _ = op.tiled_forward(list(rows), list(tensors), self.region.id, shards, list(modes), needs_backward,
-                                  autocast_dtype)
+                                  autocast_dtype, fp32_sums)
         return out
 
     def __call__(
@@ -175,11 +200,11 @@ class TiledRegion:
         modes = self.live_modes(modules)
         lead = inputs[0].shape[:-1] if self.region.inputs[0].width is not None else inputs[0].shape
         rows = [t.reshape(lead.numel(), *t.shape[len(lead):]) for t in inputs]
-        shards = self.shards_for(rows[0].shape[0])
-        if shards == 1:
+        plan = self.call_plan(rows[0].shape[0])
+        if plan.shards == 1:
             out = self.region.run(rows, tensors, modes)
         else:
-            out = self.run_tiled(rows, tensors, modes, shards)
+            out = self.run_tiled(rows, tensors, modes, plan.shards, plan.fp32_sums)
         return out.reshape(*lead, *out.shape[1:])
 
 
@@ -201,11 +226,12 @@ class TiledLoss(TiledRegion):
             warnings.warn(f"fxtile: the loss {self.__name__} runs untiled for this call: {why}", stacklevel=4)
         return self.region.run(inputs, tensors, modes)
 
-    def run_tiled(self, rows, tensors, modes, shards):
+    def run_tiled(self, rows, tensors, modes, shards, fp32_sums=True):
         h, targets = rows
         needs = [t.requires_grad and torch.is_grad_enabled() for t in (h, *tensors)]
         autocast_dtype = op.autocast_dtype_of(h.device)
-        return op.tiled_cross_entropy(h, targets, list(tensors), self.region.id, shards, needs, autocast_dtype)[0]
+        return op.tiled_cross_entropy(h, targets, list(tensors), self.region.id, shards, needs, autocast_dtype,
+                                      fp32_sums)[0]
 
     def __call__(self, inputs, modules, tensors):
         self._check_modules(modules)
@@ -217,5 +243,7 @@ class TiledLoss(TiledRegion):
         if targets.is_floating_point() or targets.numel() != rows.shape[0]:
             return self._untiled("its targets are not one class index per row", inputs, tensors, modes)
         flat = [rows, targets.reshape(-1)]
-        shards = self.shards_for(rows.shape[0])
-        return self.region.run(flat, tensors, modes) if shards == 1 else self.run_tiled(flat, tensors, modes, shards)
+        plan = self.call_plan(rows.shape[0])
+        if plan.shards == 1:
+            return self.region.run(flat, tensors, modes)
+        return self.run_tiled(flat, tensors, modes, plan.shards, plan.fp32_sums)

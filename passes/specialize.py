@@ -128,7 +128,8 @@ def call_spec(binder: Binder, module: nn.Module, args: tuple, kwargs: dict) -> t
     layout_t = tuple(layout)
     try:
         key = (modes_of(module), torch.is_grad_enabled(), layout_t)
-        hash(key)
+        if not torch.compiler.is_compiling():  # dynamo (torch 2.11) cannot trace hash() of a tuple
+            hash(key)
     except TypeError:
         return "an argument holds an unhashable constant"
     return CallSpec(key, layout_t, tuple(objects)), inputs

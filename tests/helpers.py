@@ -99,7 +99,9 @@ def profiled_matmuls(fn) -> list[tuple[str, list, list]]:
     # the kernel that ran, not a dispatcher layer above it (autocast re-dispatches aten::mm in bf16)
     events = sorted((e for e in prof.events() if e.name in names and not any(c.name == e.name for c in e.cpu_children)),
                     key=lambda e: e.time_range.start)
-    return [(e.name, e.input_shapes, e.input_dtypes if hasattr(e, "input_dtypes") else []) for e in events]
+    # torch < 2.13's FunctionEvent has no input_dtypes: the kineto event with the same id has them
+    by_id = {k.correlation_id(): k.dtypes() for k in prof.profiler.kineto_results.events()}
+    return [(e.name, e.input_shapes, getattr(e, "input_dtypes", None) or by_id.get(e.id, [])) for e in events]
 
 
 def ran_tiled(model, step) -> tuple[int, int]:

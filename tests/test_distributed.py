@@ -20,6 +20,7 @@ the test instead of hanging CI.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import re
 import subprocess
@@ -105,7 +106,9 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-JOBS = [f"{setup}:{case}" for setup in SETUPS for case in common.CASES] + ["zero3_late:equal"]
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None  # absent on some GPU images: ZeRO jobs skipped
+JOBS = [f"{setup}:{case}" for setup in SETUPS for case in common.CASES if HAS_DEEPSPEED or not setup.startswith("zero")]
+JOBS += ["zero3_late:equal"] if HAS_DEEPSPEED else []
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +134,8 @@ def _expected_shards(case: common.Case, rank: int) -> int:
 @pytest.mark.parametrize("case", list(common.CASES))
 @pytest.mark.parametrize("setup", SETUPS)
 def test_one_step_matches_single_process_untiled_step(launch, setup, case):
+    if setup.startswith("zero") and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed")
     r = launch.result(setup, case)
     spec = common.CASES[case]
     layers = common.CONFIG["num_hidden_layers"]
@@ -178,6 +183,7 @@ def test_one_step_matches_single_process_untiled_step(launch, setup, case):
     print(f"{setup}:{case} max |updated - reference| = {worst:.2e} (step {moved:.2e}, rank 0's batch only {one_rank:.2e})")
 
 
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_zero3_gathers_each_tiled_block_as_one_leaf_module(launch):
     r = launch.result("zero3", "equal")
     assert r["z3_leaf"] == r["tiled"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
@@ -186,6 +192,7 @@ def test_zero3_gathers_each_tiled_block_as_one_leaf_module(launch):
     assert r["leaf_params"] == in_tiled, "DeepSpeed must register exactly the tiled blocks' weights as leaf weights"
 
 
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_zero3_tiling_after_deepspeed_initialize(launch):
     """Not the documented order (tile before wrapping), but it works: fxtile's meta template drops the
     module hooks it copied, so DeepSpeed's hooks never fire on the template's projections per shard."""
@@ -202,6 +209,7 @@ def test_launch_exits_cleanly_and_builds_no_deepspeed_op(launch):
     )
 
 
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_training_example_runs_with_trainer_and_zero3(tmp_path):
     returncode, log = torchrun(ROOT / "examples" / "train_zero3.py", ["--steps", "12", "--output-dir", str(tmp_path / "o")], tmp_path)
     assert returncode == 0, log[-6000:]

@@ -188,7 +188,7 @@ def test_dropout_in_a_tiled_region_compiles_fullgraph_and_replays():
 
 
 def _quantized_llama(kind):
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes")
 
     model = _llama(hidden_size=64, intermediate_size=128, head_dim=16)
     for layer in model.model.layers:
@@ -223,6 +223,7 @@ def test_qlora_on_bitsandbytes_projections_is_tiled_and_exact(kind):
 
 
 def test_torchao_qat_fake_quantized_projections_are_tiled_and_exact():
+    pytest.importorskip("torchao")
     from torchao.quantization import quantize_
     from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
 

@@ -102,7 +102,7 @@ def _generic_dz(plan: LossPlan, z: torch.Tensor, y: torch.Tensor, tensors, scale
 
 def forward(
     plan: LossPlan, h: torch.Tensor, targets: torch.Tensor, tensors: Sequence[torch.Tensor], shards: int,
-    needs: Sequence[bool],
+    needs: Sequence[bool], fp32_sums: bool = True,
 ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
     """The loss over all rows of ``h`` (``[N, H]``) and ``targets`` (``[N]``), and the gradient of that
     loss for each input that ``needs`` one (``[h, *tensors]``; None elsewhere)."""
@@ -121,7 +121,7 @@ def forward(
         del loss
         if dz is None:
             continue
-        mlp.weight_grads(sums, needs[1:], tensors, plan.head, x, dz)
+        mlp.weight_grads(sums, needs[1:], tensors, plan.head, x, dz, fp32_sums)
         if grad_h is not None:  # a shard-sized temporary: under autocast dz is bf16 while h may be fp32
             grad_h[lo:hi] = mlp.input_grad(dz, tensors, plan.head)
         del dz

@@ -5,8 +5,8 @@ shard keeps every intermediate alive at once. When the projections are plain lin
 (``nn.Linear``, transformers' ``Conv1D``, ``F.linear``) around a parameter-free, RNG-free element-wise
 activation, the backward needs to recompute only the gate/up projections and the activation: the
 down projection's input is rebuilt from them, and every gradient is one explicit matmul, accumulated
-into preallocated buffers (in fp32 for low-precision weights) with in-place ops, so a shard holds about
-four ``shard x intermediate`` tensors at its peak.
+into preallocated buffers with in-place ops (low-precision weights' gradients in fp32 or in their own
+dtype, as the call plan says), so a shard holds about four ``shard x intermediate`` tensors at its peak.
 
 :class:`LinearMLP` is the plan (indices into the op's tensor list, the activation as a callable); the
 matcher derives it from the roles it found (``passes.region``). This module only computes.
@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.func import vjp
 
-__all__ = ["LinearMLP", "Proj", "accumulate", "add_mm", "backward_shard", "forward_shard", "input_grad", "linear", "weight_grads"]
+__all__ = ["LinearMLP", "Proj", "accumulate", "add_mm", "backward_shard", "branches", "forward_shard", "input_grad", "linear", "weight_grads"]
 
 
 @dataclass(frozen=True)
@@ -65,18 +65,19 @@ def input_grad(
     return out.addmm_(dy, weight) if accumulate else torch.mm(dy, weight, out=out)
 
 
-def accumulate(sums: dict[int, torch.Tensor], i: int, value: torch.Tensor) -> None:
-    """Accumulate a gradient over shards; low-precision ones in fp32 (cast once by the op)."""
+def accumulate(sums: dict[int, torch.Tensor], i: int, value: torch.Tensor, fp32: bool = True) -> None:
+    """Accumulate a gradient over shards; low-precision ones in fp32 when ``fp32`` (cast once by the op),
+    else in their own dtype. The first shard's tensor becomes the sum (no copy unless it is widened)."""
     if i not in sums:
-        sums[i] = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+        sums[i] = value.float() if fp32 and value.dtype in (torch.float16, torch.bfloat16) else value
     else:
         sums[i].add_(value)
 
 
-def add_mm(sums: dict[int, torch.Tensor], i: int, a: torch.Tensor, b: torch.Tensor) -> None:
+def add_mm(sums: dict[int, torch.Tensor], i: int, a: torch.Tensor, b: torch.Tensor, fp32: bool = True) -> None:
     acc = sums.get(i)
     if acc is None:
-        accumulate(sums, i, torch.mm(a, b))
+        accumulate(sums, i, torch.mm(a, b), fp32)
     elif acc.dtype == a.dtype:
         acc.addmm_(a, b)  # in place: no weight-sized temporary per shard
     elif acc.is_cuda:
@@ -85,15 +86,15 @@ def add_mm(sums: dict[int, torch.Tensor], i: int, a: torch.Tensor, b: torch.Tens
         acc.add_(torch.mm(a, b))  # CPU has no mixed-dtype addmm: one low-precision temporary
 
 
-def weight_grads(sums, needs, t, p: Proj, x: torch.Tensor, dy: torch.Tensor) -> None:
+def weight_grads(sums, needs, t, p: Proj, x: torch.Tensor, dy: torch.Tensor, fp32: bool = True) -> None:
     """d weight += dy^T x (x^T dy in Conv1D's [in, out] layout); d bias += sum(dy)."""
     if needs[p.weight]:
-        add_mm(sums, p.weight, *((x.t(), dy) if p.transposed else (dy.t(), x)))
+        add_mm(sums, p.weight, *((x.t(), dy) if p.transposed else (dy.t(), x)), fp32)
     if p.bias is not None and needs[p.bias]:
-        accumulate(sums, p.bias, dy.sum(0))
+        accumulate(sums, p.bias, dy.sum(0), fp32)
 
 
-def _branches(plan: LinearMLP, x: torch.Tensor, t: Sequence[torch.Tensor]):
+def branches(plan: LinearMLP, x: torch.Tensor, t: Sequence[torch.Tensor]):
     """(gate pre-activation, up or None) of one shard."""
     first = linear(x, t, plan.first)
     if plan.kind == "gated_fused":
@@ -103,7 +104,7 @@ def _branches(plan: LinearMLP, x: torch.Tensor, t: Sequence[torch.Tensor]):
 
 def forward_shard(plan: LinearMLP, x: torch.Tensor, t: Sequence[torch.Tensor], out: torch.Tensor) -> None:
     """``out[:] = mlp(x)`` for one shard."""
-    g, u = _branches(plan, x, t)
+    g, u = branches(plan, x, t)
     h = plan.act(g)
     if u is not None:
         h = h * u
@@ -112,17 +113,17 @@ def forward_shard(plan: LinearMLP, x: torch.Tensor, t: Sequence[torch.Tensor], o
 
 def backward_shard(
     plan: LinearMLP, x: torch.Tensor, dy: torch.Tensor, t: Sequence[torch.Tensor], needs: Sequence[bool],
-    sums: dict[int, torch.Tensor], grad_x: Optional[torch.Tensor],
+    sums: dict[int, torch.Tensor], grad_x: Optional[torch.Tensor], fp32: bool = True,
 ) -> None:
     """Accumulate one shard's weight gradients into ``sums`` and write its input gradient to ``grad_x``.
 
     Recomputes gate/up and the activation only; the order frees each intermediate as soon as it
     is used, so at most about four ``shard x intermediate`` tensors are alive at once.
     """
-    g, u = _branches(plan, x, t)
+    g, u = branches(plan, x, t)
     a, pullback = vjp(plan.act, g)
     h = a * u if u is not None else a
-    weight_grads(sums, needs, t, plan.down, h, dy)
+    weight_grads(sums, needs, t, plan.down, h, dy, fp32)
     del h
     dh = input_grad(dy, t, plan.down)
     du = None
@@ -136,9 +137,9 @@ def backward_shard(
         dg_du = torch.empty((dg.shape[0], dg.shape[1] + du.shape[1]), dtype=dg.dtype, device=dg.device)
         dg_du[:, plan.gate_cols], dg_du[:, plan.up_cols] = dg, du
         dg, du = dg_du, None
-    weight_grads(sums, needs, t, plan.first, x, dg)
+    weight_grads(sums, needs, t, plan.first, x, dg, fp32)
     if du is not None:
-        weight_grads(sums, needs, t, plan.up, x, du)
+        weight_grads(sums, needs, t, plan.up, x, du, fp32)
     if grad_x is not None:
         input_grad(dg, t, plan.first, out=grad_x)
         if du is not None:
