@@ -20,9 +20,10 @@ from typing import Callable, Iterator, Optional
 
 from torch import nn
 
-from passes.experts import looks_like_experts
-from passes.patterns import LOSS_PATTERNS, MLP_PATTERNS, Pattern
-from passes.trace import is_linear_like, linear_dims
+from fxtile.passes.experts import looks_like_experts
+from fxtile.passes.loss_head import LOSS_PATTERNS
+from fxtile.passes.patterns import MLP_PATTERNS, Pattern
+from fxtile.passes.trace import is_linear_like, linear_dims
 
 from . import distributed
 from .kinds import KINDS, STATE, Context, Declined, Match, Planned, Skipped, TileState

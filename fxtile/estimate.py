@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from passes.trace import get_path
+from fxtile.passes.trace import get_path
 
 from . import memory
 from .api import tiled_regions

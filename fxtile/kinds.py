@@ -19,6 +19,7 @@ Every kind ends the same way (:func:`tile_graph`): each region is built once, ch
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import warnings
 from collections import OrderedDict
@@ -30,17 +31,22 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from passes.experts import ExpertsMatch, bank_region, experts_forward, looks_like_experts, match_experts
-from passes.match import find_candidates
-from passes.patterns import Candidate, Pattern
-from passes.region import MODULE_HOOKS, build_region
-from passes.rewrite import rewrite
-from passes.specialize import ROOT, Binder, CallSpec, Traced, bound_signature, call_spec, default_spec, probe_specs, trace_call
-from passes.trace import get_path, module_stack, outside_modules, trace
+from fxtile.passes.candidate import Candidate
+from fxtile.passes.cut import MODULE_HOOKS, RegionSpec, cut_region
+from fxtile.passes.experts import ExpertsMatch, bank_region, experts_forward, looks_like_experts, match_experts, probe_inputs
+from fxtile.passes.match import find_candidates
+from fxtile.passes.modes import preserved_modes
+from fxtile.passes.patterns import Pattern
+from fxtile.passes.rewrite import rewrite
+from fxtile.passes.specialize import ROOT, Binder, CallSpec, Traced, bound_signature, call_spec, default_spec, probe_specs, trace_call
+from fxtile.passes.trace import get_path, module_stack, outside_modules, trace
 
 from . import memory, verify
 from .policy import ShardPolicy
-from .region import TiledLoss, TiledRegion
+from .compare import max_error, tolerance
+from .kernels import experts as bank_kernel
+from .kernels.shards import shard_bounds
+from .region import Region, TiledRegion, tiled as tiled_callable
 from .verify import Check, structure_key
 
 __all__ = ["KINDS", "STATE", "Context", "Declined", "Match", "Planned", "Skipped", "TileState"]
@@ -238,8 +244,7 @@ def tile_graph(
     wrapper such as FSDP's swaps its parameters for views mid-forward)."""
     matches, regions, skipped, kept = [], [], [], []
     for i, cand in enumerate(candidates):
-        region = build_region(gm, cand, f"{cand.pattern}_{i}")
-        tiled = (TiledLoss if region.loss is not None else TiledRegion)(region, policy)
+        tiled = tiled_callable(cut_region(gm, cand, f"{cand.pattern}_{i}"), policy)
         check = _self_check(tiled, root, verify, checked)
         if check.passed is False:
             skipped.append(Skipped(path, f"{cand.pattern} region {', '.join(n.name for n in cand.nodes)}: {check.detail}"))
@@ -312,13 +317,45 @@ class ExpertBank(BlockKind):
 
     def build(self, planned, policy, verify, checked):
         bank: ExpertsMatch = planned.payload
-        tiled = TiledRegion(bank_region(planned.module, bank, "routed_experts_0"), policy)
+        spec = bank_region(planned.module, bank, "routed_experts_0")
+        tiled = TiledRegion(Region(dataclasses.replace(spec, plan=_bank_plan(planned.module, spec, bank))), policy)
         check = _self_check(tiled, planned.module, verify, checked)
         if check.passed is False:
             return [Skipped(planned.path, f"expert bank: {check.detail}")]
         gm = experts_forward(planned.module, bank, tiled)
         match = bank_match(planned.path, bank, policy, check, tiled)
         return TileState(self.name, "forward", type(gm).forward, [match], [tiled], policy)
+
+
+def _bank_plan(module: nn.Module, spec: RegionSpec, bank: ExpertsMatch):
+    """The first of the bank's plan hypotheses whose explicit kernel reproduces the bank's own forward on
+    random routed rows in two uneven shards (a forward only, as the row-independence probe; the self-check
+    then compares every gradient), or None: the bank keeps the generic kernel."""
+    if not spec.hypotheses:
+        return None
+    tensors = [p.detach() for _, p in module.named_parameters()]
+    x, ids, weights = probe_inputs(bank.num_experts, bank.hidden_size, tensors[0])
+    act = spec.hypotheses[0].expert.act  # the bank's only child, as the template holds it
+    try:
+        with preserved_modes(module), torch.no_grad():
+            module.eval()
+            expected = module(x, ids, weights)
+        with preserved_modes(act), torch.no_grad():
+            act.train()  # an activation that draws random numbers is no plain activation
+            probe = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).to(x)
+            if not torch.equal(act(probe), act(probe)):
+                return None
+    except Exception:  # noqa: BLE001 - _probe already refused banks that do not run
+        return None
+    for plan in spec.hypotheses:
+        try:
+            with torch.no_grad():
+                got = bank_kernel.forward(plan, [x, ids, weights], tensors, 2, shard_bounds)
+        except Exception:  # noqa: BLE001 - a hypothesis that misreads the shapes
+            continue
+        if max_error(expected, got, floor=1e-6) <= tolerance(expected.dtype):
+            return plan
+    return None
 
 
 def bank_match(path: str, bank: ExpertsMatch, policy: Optional[ShardPolicy] = None, check: Optional[Check] = None,

@@ -38,6 +38,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .kernels import loss as loss_kernel
+from .passes.plans import LossPlan
 from .kernels import mlp, shards as K
 
 __all__ = ["Counters", "Kernel", "autocast_dtype_of", "backward_kernel", "forward_kernel", "live_regions", "lookup",
@@ -59,7 +60,7 @@ class Kernel(Protocol):
 
     label: str
     fast: Optional[K.FastPlan]
-    loss: Optional[loss_kernel.LossPlan]
+    loss: Optional[LossPlan]
     counters: Counters
 
     def run(self, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], modes: Sequence[bool]) -> torch.Tensor: ...

@@ -1,64 +1,52 @@
-"""A matched region, built once, and the callable that runs it tiled.
+"""A matched region, built once, and the callable that runs it tiled (the runtime side of a region).
 
-:class:`Region` is what the matcher emits (``passes.region`` builds it): the region's structure as a
-meta-device template, the paths of every tensor and module it reads, its sizes, how its inputs look
-(for the self-check's probe) and, where the region is plain linear layers around an element-wise
-activation, the explicit-matmul plan derived from the roles the matcher found. It registers itself
-with the op (held weakly there), so it is freed with the model that owns it.
+:class:`Region` is built from the graph package's plain description (``fxtile.passes.cut.RegionSpec``:
+the region's structure as a meta-device template, the paths of every tensor and module it reads, its
+sizes, its probe, the explicit plan its kernel follows). It adds what lives at run time: the op's
+counters, the memory profile the shard policy reads, and its registration with the op (held weakly
+there), so it is freed with the model that owns it.
 
 :class:`TiledRegion` is the fx call target that replaces the region in a rewritten forward: it owns its
 ``Region`` and a :class:`~fxtile.ShardPolicy`, flattens the leading dims of its inputs into rows, picks
-the shard count and calls the op (or the region directly when one shard is enough).
+the shard count and calls the op (or the region directly when one shard is enough). :class:`TiledLoss`
+does the same for a projection and its cross-entropy; :func:`tiled` picks the class a plan needs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-import warnings
-
 from . import op
-from .kernels import loss as loss_kernel
-from .kernels.shards import FastPlan
+from .passes.cut import RegionSpec
+from .passes.plans import LossPlan
 from .policy import CallPlan, MemoryProfile, ShardPolicy
 
-__all__ = ["ProbeInput", "Region", "TiledLoss", "TiledRegion", "python_state"]
-
-
-@dataclass(frozen=True)
-class ProbeInput:
-    """One activation input of a region, as the self-check must fabricate it: ``rows x width`` floats,
-    or integer indices below ``high`` (expert ids, class targets); ``width=None`` for a 1-D input."""
-
-    width: Optional[int]
-    high: Optional[int] = None
+__all__ = ["Region", "TiledLoss", "TiledRegion", "python_state", "tiled"]
 
 
 class Region:
-    """Everything the op needs to run one matched region; built once at match time."""
+    """Everything the op needs to run one matched region; built once, from its description."""
 
-    def __init__(
-        self, template: nn.Module, tensor_paths: tuple[str, ...], module_paths: tuple[str, ...],
-        module_types: tuple[type, ...], inputs: tuple[ProbeInput, ...], hidden_size: int, width: int,
-        may_draw_random: bool, fast: Optional[FastPlan], label: str,
-        loss: Optional[loss_kernel.LossPlan] = None,
-    ) -> None:
-        self.template = template  # the region's structure, tensors on the meta device, no hooks
-        self.tensor_paths, self.module_paths, self.module_types = tensor_paths, module_paths, module_types
-        self.inputs, self.hidden_size, self.width = inputs, hidden_size, width
-        self.may_draw_random, self.fast, self.label = may_draw_random, fast, label
-        self.loss = loss  # a projection + cross-entropy: its plan (the region's output is the loss)
+    def __init__(self, spec: RegionSpec) -> None:
+        self.spec = spec
+        self.template = spec.template  # the region's structure, tensors on the meta device, no hooks
+        self.tensor_paths, self.module_paths, self.module_types = spec.tensor_paths, spec.module_paths, spec.module_types
+        self.inputs, self.hidden_size, self.width = spec.inputs, spec.hidden_size, spec.width
+        self.may_draw_random, self.label = spec.may_draw_random, spec.label
+        # the explicit plan: the loss's (the region's output is the loss), or the fast path's (None: generic)
+        self.loss: Optional[LossPlan] = spec.plan if isinstance(spec.plan, LossPlan) else None
+        self.fast = None if self.loss is not None else spec.plan
         # its peak untiled and tiled as functions of the rows, set once built (fxtile.memory); None: not
         # profiled (``profile_note`` says why) and the shard rules decide alone
         self.profile: Optional[MemoryProfile] = None
         self.profile_note = "not profiled yet"
         # the template's copies of the live modules passed to the call, flattened: they take the live modes
-        self.moded = tuple(m for p in module_paths for m in template.get_submodule(p).modules())
+        self.moded = tuple(m for p in self.module_paths for m in self.template.get_submodule(p).modules())
         self.counters = op.Counters()
         self.id = op.register(self)
 
@@ -247,3 +235,9 @@ class TiledLoss(TiledRegion):
         if plan.shards == 1:
             return self.region.run(flat, tensors, modes)
         return self.run_tiled(flat, tensors, modes, plan.shards, plan.fp32_sums)
+
+
+def tiled(spec: RegionSpec, policy: ShardPolicy) -> TiledRegion:
+    """The tiled callable for a region: a loss region returns its loss through the loss op."""
+    region = Region(spec)
+    return (TiledLoss if region.loss is not None else TiledRegion)(region, policy)

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import op
 from .api import tile_state
-from passes.trace import get_path
+from fxtile.passes.trace import get_path
 
 __all__ = ["ShardCount", "call_graphs", "fast_paths", "generic_kernel", "live_regions", "shard_counts", "tiled_tensors", "untiled_calls"]
 

@@ -29,17 +29,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxtile.compare import max_error, tolerance
-from fxtile.kernels import experts as bank_kernel
-from fxtile.kernels.mlp import LinearMLP, Proj
-from fxtile.kernels.shards import shard_bounds
-from fxtile.modes import preserved_modes
-from fxtile.region import ProbeInput, Region
-
-from .region import meta_template
+from .cut import ProbeInput, RegionSpec, meta_template
+from .modes import preserved_modes
+from .plans import bank_hypotheses
 from .trace import first_line, graph_module
 
-__all__ = ["ExpertsMatch", "bank_plan", "bank_region", "experts_forward", "looks_like_experts", "match_experts"]
+__all__ = ["ExpertsMatch", "bank_region", "experts_forward", "looks_like_experts", "match_experts", "probe_inputs"]
 
 _PROBE_ROWS = (3, 4)  # two uneven pieces of 7 probe rows
 
@@ -90,7 +85,7 @@ def _activation(module: nn.Module) -> str:
     return type(children[0]).__name__ if children else "unknown"
 
 
-def _probe_inputs(experts: int, hidden: int, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def probe_inputs(experts: int, hidden: int, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random routed rows: hidden states, top-2 expert ids (distinct per row) and routing weights."""
     rows = sum(_PROBE_ROWS)
     top_k = min(2, experts)
@@ -103,7 +98,7 @@ def _probe_inputs(experts: int, hidden: int, param: torch.Tensor) -> tuple[torch
 
 def _probe(module: nn.Module, names: tuple[str, ...], experts: int, hidden: int, param: torch.Tensor) -> str | None:
     """None if the bank maps rows independently on random routed rows, else the reason it does not."""
-    x, ids, weights = _probe_inputs(experts, hidden, param)
+    x, ids, weights = probe_inputs(experts, hidden, param)
     rows = x.shape[0]
     try:
         with preserved_modes(module), torch.no_grad():
@@ -118,69 +113,6 @@ def _probe(module: nn.Module, names: tuple[str, ...], experts: int, hidden: int,
     scale = max(1.0, whole.abs().max().item())
     if not torch.allclose(parts, whole, rtol=1e-3, atol=1e-4 * scale):
         return "its rows depend on other rows (capacity limits or cross-token routing), so it cannot be tiled over tokens"
-    return None
-
-
-def _hypotheses(module: nn.Module, match: "ExpertsMatch", act: nn.Module):
-    """Explicit-matmul plans the bank's stacked shapes admit: which 3-D tensor is the first projection,
-    stored ``[E, out, in]`` or transposed ``[E, in, out]``, gate and up fused (either half first) or a
-    plain first projection; never more than the shapes allow, most likely first."""
-    tensors = [p for _, p in module.named_parameters()]
-    if len(tensors) != 2 or any(p.dim() != 3 for p in tensors):
-        return  # biases or more tensors: a different expert MLP than this kernel computes
-    hidden = match.hidden_size
-    for first, down in ((0, 1), (1, 0)):
-        for transposed in (False, True):
-            f_in, f_out = (1, 2) if transposed else (2, 1)
-            if tensors[first].shape[f_in] != hidden or tensors[down].shape[f_out] != hidden:
-                continue
-            width, inner = tensors[first].shape[f_out], tensors[down].shape[f_in]
-            proj = (Proj(0, None, transposed), Proj(1, None, transposed))
-            if width == 2 * inner:
-                for gate, up in ((slice(0, inner), slice(inner, width)), (slice(inner, width), slice(0, inner))):
-                    yield first, down, LinearMLP("gated_fused", proj[0], None, proj[1], act, gate, up)
-            if width == inner:
-                yield first, down, LinearMLP("plain", proj[0], None, proj[1], act)
-
-
-def _deterministic(act: nn.Module, like: torch.Tensor) -> bool:
-    """The activation draws no random numbers (it runs in the kernel without the generator replay)."""
-    probe = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).to(like.device, like.dtype)
-    with torch.no_grad(), preserved_modes(act):
-        act.train()
-        try:
-            return torch.equal(act(probe), act(probe))
-        except Exception:  # noqa: BLE001 - an activation that cannot run alone is no plain activation
-            return False
-
-
-def bank_plan(module: nn.Module, match: "ExpertsMatch", act: nn.Module) -> bank_kernel.BankPlan | None:
-    """The explicit-matmul plan of an accepted bank (``act``: the activation module the kernel calls, the
-    template's copy of the bank's only child), if one reproduces the bank's own forward on a probe of
-    routed rows in two uneven shards; else None (the bank keeps the generic kernel). Only a forward is
-    compared here, as the row-independence probe does; the self-check compares every gradient too."""
-    children = list(module.children())
-    if len(children) != 1 or any(True for _ in children[0].parameters()) or any(True for _ in children[0].buffers()):
-        return None
-    tensors = [p.detach() for _, p in module.named_parameters()]
-    if not tensors or not _deterministic(act, tensors[0]):
-        return None
-    x, ids, weights = _probe_inputs(match.num_experts, match.hidden_size, tensors[0])
-    try:
-        with preserved_modes(module), torch.no_grad():
-            module.eval()
-            expected = module(x, ids, weights)
-    except Exception:  # noqa: BLE001 - _probe already refused banks that do not run
-        return None
-    for first, down, expert in _hypotheses(module, match, act):
-        plan = bank_kernel.BankPlan(first, down, match.num_experts, expert)
-        try:
-            with torch.no_grad():
-                got = bank_kernel.forward(plan, [x, ids, weights], tensors, 2, shard_bounds)
-        except Exception:  # noqa: BLE001 - a shape this hypothesis misread
-            continue
-        if max_error(expected, got, floor=1e-6) <= tolerance(expected.dtype):
-            return plan
     return None
 
 
@@ -215,18 +147,20 @@ def match_experts(module: nn.Module) -> ExpertsMatch | str | None:
     return reasons[0] if reasons else "its stacked parameters share no hidden width"
 
 
-def bank_region(module: nn.Module, match: ExpertsMatch, label: str) -> Region:
+def bank_region(module: nn.Module, match: ExpertsMatch, label: str) -> RegionSpec:
     """The bank as a region: the whole module, on the meta device, run on row ranges of its three inputs;
-    with the explicit-matmul plan when one reproduces the bank (:func:`bank_plan`)."""
+    with the explicit plans its shapes admit as hypotheses (the runtime keeps one only if it reproduces
+    the bank on a probe: the bank's code is opaque). Its only child, if any, is the activation."""
     children = tuple(name for name, _ in module.named_children())  # they carry the train/eval mode
     template = meta_template(module, match.tensor_names)
     act = template.get_submodule(children[0]) if len(children) == 1 else None
-    plan = bank_plan(module, match, act) if act is not None else None
-    return Region(
-        template, match.tensor_names, children,
-        tuple(type(module.get_submodule(c)) for c in children),
+    plain_act = act is not None and not any(True for _ in act.parameters()) and not any(True for _ in act.buffers())
+    tensors = [p for _, p in module.named_parameters()]
+    hypotheses = tuple(bank_hypotheses(tensors, match.hidden_size, match.num_experts, act)) if plain_act else ()
+    return RegionSpec(
+        template, match.tensor_names, children, tuple(type(module.get_submodule(c)) for c in children),
         (ProbeInput(match.hidden_size), ProbeInput(2, high=match.num_experts), ProbeInput(2)),
-        match.hidden_size, match.intermediate_size, True, plan, label,
+        match.hidden_size, match.intermediate_size, True, None, label, hypotheses,
     )
 
 

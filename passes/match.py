@@ -23,7 +23,8 @@ import torch.fx as fx
 from torch import nn
 
 from .labels import INNER, POINTWISE, SPLIT, STATIC, Labels, label
-from .patterns import MLP_PATTERNS, Candidate, Pattern, Rejection
+from .candidate import Candidate, Rejection
+from .patterns import MLP_PATTERNS, Pattern
 
 __all__ = ["FILTERS", "find_candidates"]
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RANDOM_TARGETS", "is_metadata", "is_pointwise", "is_random", "is_row_norm", "static_operand_ok"]
+__all__ = ["CAST_TARGETS", "RANDOM_TARGETS", "is_metadata", "is_pointwise", "is_random", "is_row_norm", "static_operand_ok"]
 
 _FUNCTION_NAMES = {
     "silu", "gelu", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "mish", "hardswish",
@@ -53,6 +53,9 @@ POINTWISE_MODULES = (
     nn.LogSigmoid, nn.Hardtanh, nn.Threshold, nn.Dropout, nn.Identity,
 )
 _NORM_MODULES = tuple(m for m in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if m is not None)
+
+# casts and layout copies: row-wise steps that change no value's meaning
+CAST_TARGETS = {"float", "to", "type_as", "contiguous", "half", "bfloat16", "double"}
 
 RANDOM_TARGETS = frozenset({F.dropout, torch.dropout, torch.nn.functional.alpha_dropout})
 

@@ -34,7 +34,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxtile.modes import modes_of
+from .modes import modes_of
 
 from .trace import LeafTracer, first_line, graph_module
 

@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.fx.graph_module
 from torch import nn
 
-from fxtile.modes import preserved_modes
+from .modes import preserved_modes
 
 __all__ = ["LeafTracer", "TraceResult", "conv1d_type", "first_line", "forget_source_when_freed", "get_path", "graph_module", "is_linear_like", "linear_dims",
            "module_stack", "outside_modules", "trace"]

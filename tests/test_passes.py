@@ -13,14 +13,14 @@ from torch import nn
 
 import fxtile
 import modules as M
-from fxtile.region import TiledRegion
+from fxtile.region import tiled
 from helpers import tiny_causal_lm
-from passes.labels import LINEAR, label
-from passes.match import FILTERS, find_candidates
-from passes.patterns import MLP_PATTERNS
-from passes.region import build_region
-from passes.rewrite import rewrite
-from passes.trace import trace
+from fxtile.passes.labels import LINEAR, label
+from fxtile.passes.match import FILTERS, find_candidates
+from fxtile.passes.patterns import MLP_PATTERNS
+from fxtile.passes.cut import cut_region
+from fxtile.passes.rewrite import rewrite
+from fxtile.passes.trace import trace
 
 
 def _graph(module):
@@ -35,7 +35,7 @@ def _snapshot(gm):
 
 def _rewrite_all(gm):
     candidates, _ = find_candidates(gm)
-    calls = [(c, TiledRegion(build_region(gm, c, f"{c.pattern}_{i}"), fxtile.ShardPolicy())) for i, c in enumerate(candidates)]
+    calls = [(c, tiled(cut_region(gm, c, f"{c.pattern}_{i}"), fxtile.ShardPolicy())) for i, c in enumerate(candidates)]
     return rewrite(gm, calls)
 
 

@@ -10,11 +10,9 @@ allocates one. Here a shard adds each expert's gradient into its slice of the ac
 sums for bf16/fp16 weights, as the call plan says) and the work is the untiled step's matmuls plus one
 recompute of the first projection.
 
-:class:`BankPlan` says which stacked tensor is the first projection (``[E, 2I, H]`` gate and up fused, or
-``[E, I, H]``; ``[E, H, .]`` when stored transposed) and which the down projection, and holds one
-expert's MLP as a :class:`~fxtile.kernels.mlp.LinearMLP` over its 2-D slices. The matcher derives it
-from the bank's shapes and keeps it only if it reproduces the bank's own forward on a probe
-(``passes.experts``); the self-check then compares gradients too. This module only computes.
+The plan (:class:`~fxtile.passes.plans.BankPlan`) is a hypothesis the bank's shapes admit, kept only if
+it reproduces the bank's own forward on a probe (``fxtile.blocks``); the self-check then compares the
+gradients too. This module only computes.
 
 Semantics (transformers' experts contract): ``out[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])``; ids at
 or above the expert count (expert-parallel sentinels) contribute nothing.
@@ -22,23 +20,15 @@ or above the expert count (expert-parallel sentinels) contribute nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch.func import vjp
 
+from ..passes.plans import BankPlan
 from . import mlp
 
-__all__ = ["BankPlan", "backward", "forward"]
-
-
-@dataclass(frozen=True)
-class BankPlan:
-    first: int  # index of the stacked first projection in the op's tensor list
-    down: int  # index of the stacked down projection
-    num_experts: int
-    expert: mlp.LinearMLP  # one expert, over ``[first[e], down[e]]`` (its Proj indices are 0 and 1)
+__all__ = ["backward", "forward"]
 
 
 def _route(ids: torch.Tensor, num_experts: int):

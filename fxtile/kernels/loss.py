@@ -23,31 +23,17 @@ Two ways to compute a shard's ``dz``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.func import vjp
 
+from ..passes.plans import LossPlan
 from . import mlp
 from .shards import finish, shard_bounds
 
-__all__ = ["LossPlan", "forward"]
-
-
-@dataclass(frozen=True)
-class LossPlan:
-    """How to run a matched projection + cross-entropy: tensor-list indices and the loss's arguments."""
-
-    head: mlp.Proj  # the projection: weight [V, H] and bias, indices into the op's tensor list
-    steps: Callable[[torch.Tensor], torch.Tensor]  # logits -> the cross-entropy's input (row-wise)
-    fused: bool  # the steps are casts and flattening only
-    ignore_index: int
-    reduction: str  # "mean" | "sum"
-    label_smoothing: float
-    class_weight: Optional[int]  # index of the class weights, if any
-    flattened: bool  # the steps flatten the logits to rows (else the logits must already be 2-D)
+__all__ = ["forward"]
 
 
 def _denominator(plan: LossPlan, targets: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:

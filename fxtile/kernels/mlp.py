@@ -8,41 +8,20 @@ down projection's input is rebuilt from them, and every gradient is one explicit
 into preallocated buffers with in-place ops (low-precision weights' gradients in fp32 or in their own
 dtype, as the call plan says), so a shard holds about four ``shard x intermediate`` tensors at its peak.
 
-:class:`LinearMLP` is the plan (indices into the op's tensor list, the activation as a callable); the
-matcher derives it from the roles it found (``passes.region``). This module only computes.
+:class:`~fxtile.passes.plans.LinearMLP` is the plan (indices into the op's tensor list, the activation as
+a callable); the matcher derives it from the roles it found. This module only computes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch.func import vjp
 
-__all__ = ["LinearMLP", "Proj", "accumulate", "add_mm", "backward_shard", "branches", "forward_shard", "input_grad", "linear", "weight_grads"]
+from ..passes.plans import LinearMLP, Proj
 
-
-@dataclass(frozen=True)
-class Proj:
-    """A projection: tensor-list indices of its weight and bias; ``transposed`` for Conv1D's [in, out]."""
-
-    weight: int
-    bias: Optional[int]
-    transposed: bool
-
-
-@dataclass(frozen=True)
-class LinearMLP:
-    """How to run a plain MLP region with explicit matmuls."""
-
-    kind: str  # "gated" | "gated_fused" | "plain"
-    first: Proj  # gate (gated), gate_up (gated_fused) or fc1 (plain)
-    up: Optional[Proj]  # gated only
-    down: Proj  # down or fc2
-    act: Callable[[torch.Tensor], torch.Tensor]  # parameter-free and RNG-free, element-wise
-    gate_cols: Optional[slice] = None  # gated_fused: which output columns of `first` are gate / up
-    up_cols: Optional[slice] = None
+__all__ = ["accumulate", "add_mm", "backward_shard", "branches", "forward_shard", "input_grad", "linear", "weight_grads"]
 
 
 # ``t`` is the op's tensor list in every kernel below (run with autograd off).

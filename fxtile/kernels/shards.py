@@ -26,12 +26,13 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch.func import vjp
 
+from ..passes.plans import BankPlan, LinearMLP
 from . import experts, mlp
 
 __all__ = ["FastPlan", "Run", "backward_autograd", "backward_fast", "backward_vjp", "forward", "forward_fast", "shard_bounds"]
 
 Run = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]
-FastPlan = Union[mlp.LinearMLP, experts.BankPlan]
+FastPlan = Union[LinearMLP, BankPlan]
 
 LEGACY_FUNCTION_HINT = "it must override the setup_context staticmethod"  # torch.func's message for legacy Functions
 
@@ -56,7 +57,7 @@ def forward(run: Run, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tens
 
 def forward_fast(plan: FastPlan, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], shards: int) -> torch.Tensor:
     """An explicit-matmul plan over row shards: a plain MLP's (one input) or an expert bank's (three)."""
-    if isinstance(plan, experts.BankPlan):
+    if isinstance(plan, BankPlan):
         return experts.forward(plan, rows, tensors, shards, shard_bounds)
     (x,) = rows
     down = tensors[plan.down.weight]
@@ -85,7 +86,7 @@ def backward_fast(
     plan: FastPlan, grad: torch.Tensor, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], shards: int,
     needs: Sequence[bool], fp32: bool = True,
 ) -> list[Optional[torch.Tensor]]:
-    if isinstance(plan, experts.BankPlan):
+    if isinstance(plan, BankPlan):
         return experts.backward(plan, grad, rows, tensors, shards, needs, fp32, shard_bounds)
     (x,) = rows
     grad_x = torch.empty_like(x) if needs[0] else None

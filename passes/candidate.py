@@ -1,0 +1,50 @@
+"""What matching finds in a graph: a region to tile (:class:`Candidate`) or an instance refused (:class:`Rejection`).
+
+Internal to the graph package: a Candidate holds live fx nodes of the traced block; the public, plain
+view of one is ``fxtile.Match``, built once the region is tiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch.fx as fx
+
+if TYPE_CHECKING:
+    from .patterns import Pattern
+
+__all__ = ["Candidate", "Rejection"]
+
+
+@dataclass
+class Candidate:
+    """A region found in a graph, with live fx nodes (internal; the public view is ``fxtile.Match``)."""
+
+    kind: "Pattern"  # the pattern object that found it: it owns the region's plan and probe
+    inputs: tuple[fx.Node, ...]  # activation inputs, aligned on their leading (token) dims
+    exit: fx.Node
+    nodes: list[fx.Node]  # every node the tiled call replaces, in graph order; ``exit`` is last
+    roles: dict[str, str]  # role -> submodule (or function) name
+    role_nodes: dict[str, fx.Node]  # role -> node (projections, the gate ``*``, the activation's end)
+    activation: str
+    hidden_size: int
+    intermediate_size: int
+    may_draw_random: bool
+    escapes: tuple[fx.Node, ...] = field(default_factory=tuple)  # region values also returned by the graph
+    rebind: tuple[fx.Node, ...] = field(default_factory=tuple)  # x.device of a region value, read outside
+    options: dict = field(default_factory=dict)  # what the op needs beyond the nodes (the loss's arguments)
+
+    @property
+    def pattern(self) -> str:
+        return self.kind.name
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A pattern instance found and then refused, with the reason in words."""
+
+    nodes: tuple[str, ...]
+    reason: str
+
+
