@@ -2,11 +2,12 @@
 
 ``transform`` is a short walk over the module tree, innermost first (the shape of torchao's
 ``_replace_with_custom_fn_if_matches_filter``): each module ``filter_fn`` admits is offered to the block
-kinds of :mod:`fxtile.kinds` in order, which plan it (``Planned``), refuse it with reasons (``Skipped``)
-or decline it. Every planned block is then built (regions built once, checked numerically) and only
-when all are built is anything installed: the rewritten forward is bound to the *same* module instance
-as an instance attribute. Parameters, buffers, ``state_dict`` keys, hooks and module names stay as
-they are, and ``restore`` removes that attribute to bring back the original forward exactly.
+kinds of :mod:`fxtile.blocks` in order, which plan it (``Planned``), refuse it with reasons (``Skipped``)
+or decline it. Every planned block is then built (:mod:`fxtile.build`: regions built once, checked
+numerically, profiled) and only when all are built is anything installed: the rewritten forward is bound
+to the *same* module instance as an instance attribute. Parameters, buffers, ``state_dict`` keys, hooks
+and module names stay as they are, and ``restore`` removes that attribute to bring back the original
+forward exactly. ``find`` on a model tiled with the same arguments reads what was installed.
 """
 
 from __future__ import annotations
@@ -20,40 +21,28 @@ from typing import Callable, Iterator, Optional
 
 from torch import nn
 
-from fxtile.passes.experts import looks_like_experts
-from fxtile.passes.loss_head import LOSS_PATTERNS
-from fxtile.passes.patterns import MLP_PATTERNS, Pattern
-from fxtile.passes.trace import is_linear_like, linear_dims
-
 from . import distributed
-from .kinds import KINDS, STATE, Context, Declined, Match, Planned, Skipped, TileState
+from .blocks import KINDS, Context, Declined, Planned
+from .build import CHECK_REFUSALS, STATE, TileState
+from .passes.experts import looks_like_experts
+from .passes.loss_head import LOSS_PATTERNS
+from .passes.patterns import MLP_PATTERNS, Pattern
+from .passes.trace import is_linear_like, linear_dims
 from .policy import ShardPolicy, as_policy
+from .records import Match, Matches, Skipped, Why
 from .region import TiledRegion
 
-__all__ = ["Match", "Matches", "Skipped", "find", "restore", "tile_state", "tiled_regions", "transform"]
+__all__ = ["Match", "Matches", "Skipped", "Why", "find", "restore", "tile_state", "tiled_regions", "transform"]
 
 logger = logging.getLogger(__name__)
 
 FilterFn = Callable[[nn.Module, str], bool]
-
-# Regions the self-check refused at the last transform, by block: what find() reports for them (the
-# check itself runs only in transform). Weak: the record goes with the module.
-_REFUSED: "weakref.WeakKeyDictionary[nn.Module, list[Skipped]]" = weakref.WeakKeyDictionary()
-
-
-class Matches(list):
-    """``list[Match]`` with ``.skipped``: the blocks left untouched, each with its reason."""
-
-    def __init__(self, matches: list[Match], skipped: list[Skipped]) -> None:
-        super().__init__(matches)
-        self.skipped = skipped
 
 
 def tile_state(module: nn.Module) -> Optional[TileState]:
     """What fxtile installed on ``module``, or None (not stable; for ``fxtile.testing``)."""
     state = module.__dict__.get(STATE)
     return state if isinstance(state, TileState) else None
-
 
 
 def _dims(module: nn.Module) -> Iterator[tuple[int, int]]:
@@ -79,15 +68,12 @@ def _projections(module: nn.Module) -> int:
     return bare + sum(_projections(child) for child in module.children())
 
 
-def _looks_like_mlp(module: nn.Module) -> bool:
-    """An expanding projection (h -> i, i > h) and one contracting back (i or i/2 -> h): worth reporting."""
+def _looks_like_a_block(module: nn.Module) -> bool:
+    """An expanding projection (h -> i, i > h) and one contracting back (i or i/2 -> h), or an expert
+    bank: worth tracing per call, and worth reporting when it is left alone."""
     dims = list(_dims(module))
-    return any(i > h and (i2 in (i, i // 2)) and o2 == h for h, i in dims for i2, o2 in dims)
-
-
-def _instance_forward(module: nn.Module) -> bool:
-    """An instance-level forward (offload hook, user patch) would be bypassed by a tiled one."""
-    return "forward" in module.__dict__
+    return looks_like_experts(module) or any(i > h and (i2 in (i, i // 2)) and o2 == h
+                                              for h, i in dims for i2, o2 in dims)
 
 
 @dataclass
@@ -96,98 +82,122 @@ class _Walk:
     patterns: tuple[Pattern, ...]
     retile: Optional[ShardPolicy] = None  # transform: tiled blocks with another policy are untiled and planned again
     planned: list[Planned] = field(default_factory=list)
-    tiled: list[tuple[str, nn.Module]] = field(default_factory=list)
+    installed: list[nn.Module] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     opaque: list[nn.Module] = field(default_factory=list)  # excluded by filter_fn, or holding a region
     retiled: list[tuple[nn.Module, TileState]] = field(default_factory=list)
-    # blocks that could hold a loss head but did not trace: reported only if no head is found at all
-    untraced_heads: list[Skipped] = field(default_factory=list)
+    # blocks that could hold a nesting pattern but did not trace: reported only if it is found nowhere
+    untraced: dict[str, list[Skipped]] = field(default_factory=dict)
 
     def visit(self, path: str, module: nn.Module) -> bool:
         """Plan ``module`` innermost-first; True if it or a descendant holds a region.
 
-        Innermost-first makes each match's path the smallest block holding it (``layers.0.mlp``, not
-        the whole model), which is what ``filter_fn`` and the report name.
-        """
+        Innermost-first makes each match's path the smallest block holding it (``layers.0.mlp``, not the
+        whole model), which is what ``filter_fn`` and the report name."""
         state = tile_state(module)
-        if state is not None:
-            if self.retile is None or state.policy == self.retile:
-                self.tiled.append((path, module))
-                self.opaque.append(module)
-                self.skipped += _REFUSED.get(module, [])
-                if not looks_like_experts(module):  # a tiled loss head's model holds tiled blocks too
-                    for name, child in module.named_children():
-                        self.visit(f"{path}.{name}" if path else name, child)
-                return True
-            _uninstall(module)  # planned again below with the new policy; put back if anything fails
-            self.retiled.append((module, state))
-        patterns = self.patterns
-        if is_linear_like(module) or _projections(module) < min(p.min_projections for p in patterns):
+        if state is not None and self._keeps(module, state):
+            return self._installed(path, module)
+        if is_linear_like(module) or _projections(module) < min(p.min_projections for p in self.patterns):
             return False
         reported = len(self.skipped)
-        found = False
-        if not looks_like_experts(module):  # a bank's children are its activation
-            for name, child in module.named_children():
-                found |= self.visit(f"{path}.{name}" if path else name, child)
-        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-            return found
-        if found:  # only patterns that may enclose tiled blocks (the loss head) are looked for here
-            patterns = tuple(p for p in patterns if p.nests and p.could_hold(module))
-            if not patterns:
-                return found
-        looks = _looks_like_mlp(module) or looks_like_experts(module)
+        below = self._children(path, module)
+        patterns = self._looked_for(module, below)
         quiet = len(self.skipped) > reported  # a descendant already said why: do not repeat it
-        if self.filter_fn is not None and not self.filter_fn(module, path):
-            self.opaque.append(module)
-            if looks and not found and not quiet:
-                self.skipped.append(Skipped(path, "excluded by filter_fn"))
-            return found
-        if _instance_forward(module):
-            if looks and not quiet:
-                self.skipped.append(Skipped(path, "has an instance-level forward (a wrapper or hook, e.g. "
-                                                  "accelerate's offload) that a tiled forward would bypass"))
-            return found
-        ctx = Context(path, frozenset(self.opaque), patterns, looks)
+        if not patterns or not self._admitted(path, module, loud=not below and not quiet):
+            return below
+        ctx = Context(path, frozenset(self.opaque), patterns, _looks_like_a_block(module))
         declined = []
         for kind in KINDS:
             result = kind.plan(module, ctx)
             if isinstance(result, Planned):
-                if not found:  # the block covers what its descendants refused (a nesting loss head does not)
-                    del self.skipped[reported:]
-                self.opaque.append(module)
-                if self.retile is None and module in _REFUSED:  # find(): the last transform's self-check said no
-                    self.skipped += _REFUSED[module]
-                    return True  # as in transform, its ancestors do not try the same region again
-                self.planned.append(result)
-                return True
-            if isinstance(result, Declined):
-                declined.append(result)
-                continue
-            if not quiet or found:
-                self.skipped += result
-            return found
-        if found:  # a loss head was looked for: report it only if one was found and refused
-            reasons = [d.reason for d in declined if d.refused]
-        else:
-            reasons = [d.reason for d in declined if d.reason] if looks and not quiet else []
-        if reasons or (looks and not quiet and not found):
-            self.skipped.append(Skipped(path, "; ".join(dict.fromkeys(reasons)) or "not traced"))
-        elif any(p.nests and p.could_hold(module) for p in patterns) and any(d.reason for d in declined):
-            why = "; ".join(dict.fromkeys(d.reason for d in declined if d.reason))
-            self.untraced_heads.append(Skipped(path, f"loss=True found no head and loss to tile; this block could "
-                                                     f"compute one but was not traced: {why}"))
+                return self._plan(result, reported, below)
+            if not isinstance(result, Declined):  # the kind's own refusals
+                self.skipped += result if not quiet or below else []
+                return below
+            declined.append(result)
+        self._declined(path, module, ctx, declined, below, quiet)
+        return below
+
+    def _keeps(self, module: nn.Module, state: TileState) -> bool:
+        """A tiled block stays as it is, unless transform re-tiles it with another policy (its tiling is put
+        back if anything fails)."""
+        if self.retile is None or state.policy == self.retile:
+            return True
+        _uninstall(module)
+        self.retiled.append((module, state))
+        return False
+
+    def _installed(self, path: str, module: nn.Module) -> bool:
+        self.installed.append(module)
+        self.opaque.append(module)
+        self.skipped += CHECK_REFUSALS.get(module, [])
+        self._children(path, module)  # a model whose loss head is tiled holds tiled blocks too
+        return True
+
+    def _children(self, path: str, module: nn.Module) -> bool:
+        found = False
+        if not looks_like_experts(module):  # a bank's children are its activation
+            for name, child in module.named_children():
+                found |= self.visit(f"{path}.{name}" if path else name, child)
         return found
 
+    def _looked_for(self, module: nn.Module, below: bool) -> tuple[Pattern, ...]:
+        """The patterns to look for in ``module``: all of them, or, where a descendant holds a region, only
+        those that nest and could sit here (the loss head around tiled layers)."""
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            return ()
+        return tuple(p for p in self.patterns if p.nests and p.could_hold(module)) if below else self.patterns
+
+    def _admitted(self, path: str, module: nn.Module, loud: bool) -> bool:
+        """``filter_fn``'s answer (a refused module stays opaque in every ancestor's graph), and no
+        instance-level forward (a wrapper or hook a tiled forward would bypass)."""
+        why = None
+        if self.filter_fn is not None and not self.filter_fn(module, path):
+            self.opaque.append(module)
+            why = Why.EXCLUDED
+        elif "forward" in module.__dict__:
+            why = Why.WRAPPED
+        if why is not None and loud and _looks_like_a_block(module):
+            self.skipped.append(Skipped(path, why, why.value + (" (e.g. accelerate's offload)" if why is Why.WRAPPED else "")))
+        return why is None
+
+    def _plan(self, planned: Planned, reported: int, below: bool) -> bool:
+        if not below:  # the block covers what its descendants refused (a nesting loss head does not)
+            del self.skipped[reported:]
+        self.opaque.append(planned.module)
+        if self.retile is None and planned.module in CHECK_REFUSALS:  # find(): the last transform's check said no
+            self.skipped += CHECK_REFUSALS[planned.module]
+        else:
+            self.planned.append(planned)
+        return True
+
+    def _declined(self, path: str, module: nn.Module, ctx: Context, declined: list[Declined], below: bool,
+                  quiet: bool) -> None:
+        """No kind took the block: report it if it looked like one (or a nesting pattern was found in it and
+        refused), else remember it for the nesting patterns' report."""
+        refused = [d for d in declined if d.refused]
+        loud = ctx.looks_like_mlp and not quiet and not below
+        shown = refused if below else ([d for d in declined if d.reason] if loud else [])
+        if shown or loud:
+            reason = "; ".join(dict.fromkeys(d.reason for d in shown)) or "not traced"
+            self.skipped.append(Skipped(path, Why.REFUSED if refused else Why.UNTRACED, reason,
+                                        refused[0].pattern if refused else None))
+            return
+        why = "; ".join(dict.fromkeys(d.reason for d in declined if d.reason))
+        for p in ctx.patterns:
+            if p.nests and p.could_hold(module) and why:
+                self.untraced.setdefault(p.name, []).append(Skipped(path, Why.NOT_FOUND, f"{p.absent}: {why}", p.name))
+
     def report(self, matches: list[Match]) -> list[Skipped]:
-        """What was skipped; with the loss looked for and no head found anywhere, also the blocks that
-        could hold one but did not trace (a vocabulary-parallel loss, a loss in untraceable code)."""
-        heads = [m for m in matches if m.pattern in {p.name for p in LOSS_PATTERNS}]
-        loss_refused = any("cross-entropy" in s.reason or "loss" in s.reason for s in self.skipped)
-        if heads or loss_refused:
-            return self.skipped
-        outermost = [s for s in self.untraced_heads  # innermost-first: an enclosing block reports for its parts
-                     if not any(o.path == "" or s.path.startswith(o.path + ".") for o in self.untraced_heads if o is not s)]
-        return self.skipped + outermost
+        """What was skipped; for a nesting pattern found and refused nowhere, also the outermost blocks that
+        could hold it but did not trace (a vocabulary-parallel loss, a loss in untraceable code)."""
+        out = list(self.skipped)
+        for name, entries in self.untraced.items():
+            if any(m.pattern == name for m in matches) or any(s.pattern == name for s in self.skipped):
+                continue
+            out += [s for s in entries  # innermost-first: an enclosing block reports for its parts
+                    if not any(o.path == "" or s.path.startswith(o.path + ".") for o in entries if o is not s)]
+        return out
 
 
 def _patterns(loss: bool) -> tuple[Pattern, ...]:
@@ -203,20 +213,46 @@ def _check_args(model: object, filter_fn: object) -> None:
         raise TypeError(f"filter_fn must be a callable (module, fqn) -> bool or None, got {type(filter_fn).__name__}")
 
 
+@dataclass(frozen=True)
+class _Report:
+    """What the last ``transform`` of a model reported, for ``find`` with the same arguments."""
+
+    arguments: tuple  # (filter_fn, loss)
+    installed: tuple  # (module, state) ids of every tiled block, to see that nothing changed since
+    matches: Matches
+
+
+_REPORTS: "weakref.WeakKeyDictionary[nn.Module, _Report]" = weakref.WeakKeyDictionary()
+
+
+def _installed_ids(model: nn.Module) -> tuple:
+    return tuple((id(m), id(s)) for m in model.modules() if (s := tile_state(m)) is not None)
+
+
+def _matches(walk: _Walk) -> Matches:
+    found = [m for module in walk.installed for m in tile_state(module).matches]
+    found += [m for planned in walk.planned for m in planned.matches]
+    return Matches(found, walk.report(found))
+
+
 def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None, loss: bool = False) -> Matches:
     """Dry run: the regions ``transform`` would tile (or has tiled), without changing ``model``.
 
     ``filter_fn(module, fqn) -> bool`` is asked before a block is traced (innermost blocks first; a
     block with a matched descendant is not traced itself, except, with ``loss=True``, for a loss head
     among its own children). The result's ``.skipped`` lists blocks that look like MLPs or loss heads
-    but were not matched, each with the reason. The self-check runs in ``transform``.
+    but were not matched, each with the reason. The self-check runs in ``transform``. On a model that
+    ``transform`` tiled with the same ``filter_fn`` and ``loss``, and unchanged since, nothing is traced:
+    the result is what was installed.
     """
     _check_args(model, filter_fn)
-    walk = _Walk(filter_fn, _patterns(loss))
+    patterns = _patterns(loss)
+    last = _REPORTS.get(model)
+    if last is not None and last.arguments == (filter_fn, loss) and last.installed == _installed_ids(model):
+        return Matches(list(last.matches), list(last.matches.skipped))
+    walk = _Walk(filter_fn, patterns)
     walk.visit("", model)
-    matches = [m for _, module in walk.tiled for m in tile_state(module).matches]
-    matches += [m for planned in walk.planned for m in planned.matches]
-    return Matches(matches, walk.report(matches))
+    return _matches(walk)
 
 
 def _install(module: nn.Module, state: TileState) -> None:
@@ -259,8 +295,8 @@ def transform(
     projections for an MLP, one for a loss head; not about the projections themselves): a block it
     refuses is never tiled, neither itself nor as part of an ancestor's graph (there it stays one opaque
     call). ``verify``: check every region numerically before installing it (a region that disagrees is
-    left alone and reported). Blocks that cannot be
-    traced, matched or verified are left as they are and listed by ``fxtile.find(model).skipped``.
+    left alone and reported). ``loss=True``: also the output projection and its cross-entropy. Blocks that
+    cannot be traced, matched or verified are left as they are and listed by ``fxtile.find(model).skipped``.
 
     Example: a Llama MLP's forward before and after (``tests/test_passes.py`` pins the second)::
 
@@ -276,33 +312,36 @@ def transform(
         raise TypeError(f"verify must be True or False, got {type(verify).__name__} {verify!r}")
     walk = _Walk(filter_fn, _patterns(loss), retile=policy)
     built: list[tuple[nn.Module, TileState]] = []
+    refused: list[tuple[nn.Module, list[Skipped]]] = []
     checked: dict = {}  # self-check verdicts and memory profiles by region structure: identical layers once
     try:
         walk.visit("", model)
-        refused: list[tuple[nn.Module, list[Skipped]]] = []
         for planned in walk.planned:  # build every block before installing any
             result = planned.build(policy, verify, checked)
-            if isinstance(result, TileState):
-                built.append((planned.module, result))
-            refusals = [] if isinstance(result, TileState) else result
-            if isinstance(result, TileState) and len(result.matches) < len(planned.matches):
-                refusals = result.refused
-            walk.skipped += refusals
-            refused.append((planned.module, refusals))
+            if result.state is not None:
+                built.append((planned.module, result.state))
+            walk.skipped += result.refused
+            refused.append((planned.module, result.refused))
     except BaseException:  # never half-rewritten: put back the tilings a re-tile had taken off
         for module, state in walk.retiled:
             _install(module, state)
         raise
     for module, state in built:
         _install(module, state)
+        walk.installed.append(module)
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    walk.installed.sort(key=lambda m: order[id(m)])
     for module, refusals in refused:
         if refusals:
-            _REFUSED[module] = refusals
+            CHECK_REFUSALS[module] = refusals
         else:
-            _REFUSED.pop(module, None)
-    for skip in walk.skipped:
+            CHECK_REFUSALS.pop(module, None)
+    walk.planned = []
+    report = _matches(walk)
+    _REPORTS[model] = _Report((filter_fn, loss), _installed_ids(model), report)
+    for skip in report.skipped:
         logger.info("fxtile: not tiling %s: %s", skip.path or type(model).__name__, skip.reason)
-    if not built and not walk.tiled:
+    if not walk.installed:
         warnings.warn(
             f"fxtile.transform found no MLP to tile in {type(model).__name__}; "
             "see fxtile.find(model).skipped for the blocks it looked at and why",
@@ -320,7 +359,8 @@ def restore(model: nn.Module) -> nn.Module:
     for module in tiled:
         _uninstall(module)
     for module in model.modules():
-        _REFUSED.pop(module, None)
+        CHECK_REFUSALS.pop(module, None)
+        _REPORTS.pop(module, None)
     return model
 
 

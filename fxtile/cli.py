@@ -4,7 +4,7 @@ Why a command: before a long-context run a user wants three answers without writ
 70B of weights. So the model is built on the **meta device** from its config (no weights allocated),
 ``fxtile.transform(model, loss=True)`` plans it (``--no-loss``: the MLPs only), :mod:`fxtile.estimate`
 replays each region (every MLP, the output projection and its loss) on meta at the requested
-tokens, and exactness is checked by :func:`fxtile.tiny.verify` on a tiny random model of the same
+tokens, and exactness is checked by :func:`fxtile.tiny.exactness` on a tiny random model of the same
 architecture (the config, shrunk as the coverage sweep shrinks it): one training call as users make
 it, in float64 so any difference is a real error and not rounding, and every tiled block must really
 run tiled in it.
@@ -34,7 +34,7 @@ from . import __version__, tiny
 from .api import Matches, find, transform
 from .estimate import MlpMemory, mlp_memory, total_peak
 from .policy import as_policy
-from .tiny import verify
+from .tiny import exactness
 
 __all__ = ["main"]
 
@@ -284,7 +284,7 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
             print("\nexactness: not checked (--no-verify)", file=out)
         else:
             print("\nchecking exactness on a tiny random model of the same architecture...", end="", file=err, flush=True)
-            verification = verify(config, loss=loss, trust_remote_code=args.trust_remote_code)
+            verification = exactness(config, loss=loss, trust_remote_code=args.trust_remote_code)
             print(f" {'ok' if verification.passed else 'FAILED'} ({verification.seconds:.1f} s)", file=err, flush=True)
             if verification.passed:
                 print(f"\nexactness: passed: {verification.detail}, max relative error {verification.max_error:.1e}",

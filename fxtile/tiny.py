@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from . import testing
-from .api import find, transform
+from .api import Why, find, transform
 from .compare import max_error, tolerance
 
-__all__ = ["SHARDS", "Verification", "build_model", "shrink_config", "verify"]
+__all__ = ["SHARDS", "Exactness", "build_model", "exactness", "shrink_config"]
 
 SHARDS = 4
 BATCH, SEQ = 2, 7  # odd length: 14 rows in shards of 3, 3, 4, 4
@@ -146,7 +146,7 @@ def build_model(config, device: str | torch.device = "cpu", trust_remote_code: b
 
 
 @dataclass(frozen=True)
-class Verification:
+class Exactness:
     """``status``: passed | mismatch | untiled-call | no-mlp | build-failed | run-failed | transform-failed."""
 
     status: str
@@ -200,7 +200,7 @@ def _outputs(model: nn.Module, ids: torch.Tensor, encoder_decoder: bool, call, l
     return {k: v.detach() for k, v in terms.items()}
 
 
-def _compare_once(reference: nn.Module, config, dtype: torch.dtype, shards: int, loss: bool) -> Verification:
+def _compare_once(reference: nn.Module, config, dtype: torch.dtype, shards: int, loss: bool) -> Exactness:
     reference = reference.to(dtype).train()
     try:
         tiled = copy.deepcopy(reference)
@@ -220,7 +220,7 @@ def _compare_once(reference: nn.Module, config, dtype: torch.dtype, shards: int,
             reference.zero_grad(set_to_none=True)
             first_error = first_error or exc
     else:
-        return Verification("run-failed", f"the tiny model did not run forward and backward: {_first_line(first_error)}",
+        return Exactness("run-failed", f"the tiny model did not run forward and backward: {_first_line(first_error)}",
                             dtype=name)
     try:
         with warnings.catch_warnings():
@@ -228,11 +228,11 @@ def _compare_once(reference: nn.Module, config, dtype: torch.dtype, shards: int,
             transform(tiled, shards=shards, loss=loss)
         found = find(tiled, loss=loss)
         count = sum(m.tiled for m in found)
-        refused = [s.reason for s in found.skipped if "self-check" in s.reason]
+        refused = [s.reason for s in found.skipped if s.why is Why.SELF_CHECK]
         if count == 0 and refused:
-            return Verification("mismatch", refused[0], tiled=0, dtype=name, model=tiled)
+            return Exactness("mismatch", refused[0], tiled=0, dtype=name, model=tiled)
         if count == 0:
-            return Verification("no-mlp", "the tiny model of this architecture has no MLP fxtile can tile", dtype=name,
+            return Exactness("no-mlp", "the tiny model of this architecture has no MLP fxtile can tile", dtype=name,
                                 model=tiled)
         before = testing.shard_counts(tiled)
         with warnings.catch_warnings(record=True) as caught:
@@ -240,16 +240,16 @@ def _compare_once(reference: nn.Module, config, dtype: torch.dtype, shards: int,
             got_terms = _outputs(tiled, ids, encoder_decoder, call, loss)
         after = testing.shard_counts(tiled)
     except Exception as exc:  # noqa: BLE001
-        return Verification("transform-failed", _first_line(exc), dtype=name)
+        return Exactness("transform-failed", _first_line(exc), dtype=name)
     untiled = [str(w.message) for w in caught if "runs untiled" in str(w.message)]
     if untiled:
-        return Verification("untiled-call", untiled[0], tiled=count, dtype=name, model=tiled)
+        return Exactness("untiled-call", untiled[0], tiled=count, dtype=name, model=tiled)
     zero = testing.ShardCount(0, 0, 0, 0)
     # ran tiled: the op ran shards forward and its backward ran (a loss op recomputes no shards in backward)
     idle = tuple(p for p, c in after.items() if c.forward_shards == before.get(p, zero).forward_shards
                  or c.backward_calls == before.get(p, zero).backward_calls)
     if len(idle) == len(after):
-        return Verification("untiled-call", f"no tiled block ran tiled in {call[0]}", tiled=count, dtype=name,
+        return Exactness("untiled-call", f"no tiled block ran tiled in {call[0]}", tiled=count, dtype=name,
                             model=tiled, idle=idle)
     # the loss is computed from fp32 logits (transformers upcasts them): with it tiled, fp32 rounding bounds it
     worst, limit = 0.0, tolerance(torch.float32) if loss else tolerance(dtype)
@@ -258,22 +258,22 @@ def _compare_once(reference: nn.Module, config, dtype: torch.dtype, shards: int,
     compared += [(f"gradient of {n}", p.grad, q.grad) for (n, p), q in zip(ref_grads.items(), tiled.parameters())]
     for what, a, b in compared:
         if (a is None) != (b is None):
-            return Verification("mismatch", f"{what}: only one of the two models has it", worst, count, name, model=tiled)
+            return Exactness("mismatch", f"{what}: only one of the two models has it", worst, count, name, model=tiled)
         if a is None:
             continue
         err = max_error(a, b, floor=1.0)
         worst = max(worst, err)
         if not err <= limit:
-            return Verification("mismatch", f"{what} differs by {err:.3g} (relative, {name})", worst, count, name, model=tiled)
+            return Exactness("mismatch", f"{what} differs by {err:.3g} (relative, {name})", worst, count, name, model=tiled)
     grads = sum(p.grad is not None for p in ref_grads.values())
     ran = f"{count - len(idle)} of them ran tiled in model.train(); {call[0]}" + (
         f" (not called: {', '.join(idle[:3])}{' ...' if len(idle) > 3 else ''})" if idle else "")
     detail = f"{count} regions tiled in {shards} shards, {ran}; {', '.join(ref_terms)} and {grads} parameter gradients equal ({name})"
-    return Verification("passed", detail, worst, count, name, model=tiled, idle=idle)
+    return Exactness("passed", detail, worst, count, name, model=tiled, idle=idle)
 
 
-def verify(config, *, shards: int = SHARDS, loss: bool = False, trust_remote_code: bool = False, cls=None,
-           keep_model: bool = False) -> Verification:
+def exactness(config, *, shards: int = SHARDS, loss: bool = False, trust_remote_code: bool = False, cls=None,
+           keep_model: bool = False) -> Exactness:
     """Build a tiny random model of ``config``'s architecture, tile a copy, and compare one training call.
 
     float64 (any difference is a real error, not rounding), float32 where the architecture has no float64
@@ -288,7 +288,7 @@ def verify(config, *, shards: int = SHARDS, loss: bool = False, trust_remote_cod
             torch.manual_seed(0)
             reference = build_model(small, "cpu", trust_remote_code, cls)
         except Exception as exc:  # noqa: BLE001
-            return Verification("build-failed", f"could not build a tiny model of this architecture: {_first_line(exc)}")
+            return Exactness("build-failed", f"could not build a tiny model of this architecture: {_first_line(exc)}")
         result = _compare_once(reference, small, dtype, shards, loss)
         if result.status != "run-failed":
             break

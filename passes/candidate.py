@@ -29,7 +29,7 @@ class Candidate:
     role_nodes: dict[str, fx.Node]  # role -> node (projections, the gate ``*``, the activation's end)
     activation: str
     hidden_size: int
-    intermediate_size: int
+    width: int  # the intermediate size of an MLP, the vocabulary of a loss head (see ``kind.width_name``)
     may_draw_random: bool
     escapes: tuple[fx.Node, ...] = field(default_factory=tuple)  # region values also returned by the graph
     rebind: tuple[fx.Node, ...] = field(default_factory=tuple)  # x.device of a region value, read outside
@@ -46,5 +46,6 @@ class Rejection:
 
     nodes: tuple[str, ...]
     reason: str
+    pattern: str | None = None  # the pattern whose instance it was (set by find_candidates)
 
 

@@ -83,6 +83,8 @@ class LinearCrossEntropy(Pattern):
 
     name = "linear_cross_entropy"
     graph = pattern_graph([], {})
+    width_name = "vocab_size"  # what the region's width is, in the public record
+    absent = "loss=True found no head and loss to tile; this block could compute one but was not traced"
     nests = True  # the head sits in a model whose blocks are already tiled (they stay opaque)
     min_projections = 1
 
@@ -91,7 +93,7 @@ class LinearCrossEntropy(Pattern):
 
     def probe(self, cand: Candidate) -> tuple[ProbeInput, ...]:
         """Hidden states, and one class index per row below the vocabulary."""
-        return ProbeInput(cand.hidden_size), ProbeInput(None, high=cand.intermediate_size)
+        return ProbeInput(cand.hidden_size), ProbeInput(None, high=cand.width)
 
     def could_hold(self, module: nn.Module) -> bool:
         """The head is the module's own: a linear child (any class holding a matrix: Megatron's parallel
@@ -163,7 +165,7 @@ class LinearCrossEntropy(Pattern):
         return Candidate(
             kind=self, inputs=(labels.proj_input[head], target), exit=loss, nodes=nodes,
             roles={"head": projection_name(gm, labels, head)}, role_nodes={"head": head, "loss": loss},
-            activation=activation, hidden_size=hidden, intermediate_size=vocab,
+            activation=activation, hidden_size=hidden, width=vocab,
             may_draw_random=any(is_random(gm, n) for n in nodes), escapes=tuple(escapes), rebind=rebind,
             options={"flattened": True, **options},
         )

@@ -17,16 +17,22 @@ Pure: the graph is never modified.
 
 from __future__ import annotations
 
+import dataclasses
+
 import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .labels import INNER, POINTWISE, SPLIT, STATIC, Labels, label
+from typing import Callable, Union
+
 from .candidate import Candidate, Rejection
 from .patterns import MLP_PATTERNS, Pattern
+from .specialize import Traced
+from .trace import outside_modules
 
-__all__ = ["FILTERS", "find_candidates"]
+__all__ = ["FILTERS", "find_candidates", "match_block"]
 
 _TRANSPOSE_TARGETS = {
     torch.transpose, torch.permute, torch.swapaxes, torch.movedim, torch.t,
@@ -108,13 +114,38 @@ def find_candidates(
     for pattern in patterns:
         for inst in pattern.instances(gm, labels, graph):
             cut = pattern.cut(gm, labels, inst)
-            if cut is not None:
-                (found if isinstance(cut, Candidate) else rejected).append(cut)
+            if isinstance(cut, Candidate):
+                found.append(cut)
+            elif cut is not None:
+                rejected.append(dataclasses.replace(cut, pattern=pattern.name))
     accepted: list[Candidate] = []
     for cand in sorted(found, key=lambda c: (labels.order[c.exit], -len(c.nodes))):
         reason = next((r for f in FILTERS if (r := f(gm, cand, accepted))), None)
         if reason is None:
             accepted.append(cand)
         else:
-            rejected.append(Rejection(tuple(n.name for n in cand.nodes), reason))
+            rejected.append(Rejection(tuple(n.name for n in cand.nodes), reason, cand.pattern))
     return accepted, rejected
+
+
+def match_block(
+    trace_fn: Callable[[frozenset], Union[fx.GraphModule, Traced, str]], leaves: frozenset, patterns, root_of, prefix: str
+):
+    """Trace, match, and trace again with every traced-through module that holds no region node as a
+    leaf (so its hooks keep running). Returns (traced, candidates, rejections) or a reason string."""
+    traced = trace_fn(leaves)
+    if isinstance(traced, str):
+        return traced
+    gm = traced.graph_module if isinstance(traced, Traced) else traced
+    candidates, rejections = find_candidates(gm, patterns)
+    if not candidates:
+        return traced, candidates, rejections
+    outside = outside_modules(root_of(traced), gm, [n for c in candidates for n in c.nodes], prefix)
+    if outside:
+        again = trace_fn(leaves | frozenset(outside))
+        if not isinstance(again, str):
+            gm2 = again.graph_module if isinstance(again, Traced) else again
+            candidates2, rejections2 = find_candidates(gm2, patterns)
+            if [(c.pattern, c.roles) for c in candidates2] == [(c.pattern, c.roles) for c in candidates]:
+                return again, candidates2, rejections2
+    return traced, candidates, rejections

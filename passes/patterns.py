@@ -69,6 +69,8 @@ class Pattern:
 
     name: str
     graph: nx.DiGraph
+    width_name = "intermediate_size"  # what the region's width is, in the public record
+    absent = ""  # a nesting pattern's report when no block holding it could be traced: what was not found
     nests = False
     min_projections = 2
 
@@ -110,7 +112,7 @@ class Pattern:
             roles["act"] = act_owner
         return Candidate(
             kind=self, inputs=(labels.proj_input[core[0]],), exit=last, nodes=nodes, roles=roles,
-            role_nodes=role_nodes, activation=activation, hidden_size=dims[0], intermediate_size=dims[1],
+            role_nodes=role_nodes, activation=activation, hidden_size=dims[0], width=dims[1],
             may_draw_random=any(is_random(gm, n) for n in nodes),
         )
 

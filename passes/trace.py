@@ -18,17 +18,17 @@ Tracing happens per sub-block, never per model: whole transformers decoder layer
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import weakref
 from dataclasses import dataclass
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Iterator
 
 import torch.fx as fx
 import torch.fx.graph_module
 from torch import nn
 
-from .modes import preserved_modes
 
 __all__ = ["LeafTracer", "TraceResult", "conv1d_type", "first_line", "forget_source_when_freed", "get_path", "graph_module", "is_linear_like", "linear_dims",
            "module_stack", "outside_modules", "trace"]
@@ -151,11 +151,13 @@ def _concrete_args(module: nn.Module) -> dict[str, object] | None:
 
 
 def trace(module: nn.Module, leaves: Collection[nn.Module] = ()) -> TraceResult:
-    """Trace ``module.forward`` with :class:`LeafTracer`; never raises for untraceable code.
+    """Trace ``module.forward`` with :class:`LeafTracer`, once; never raises for untraceable code.
 
     Every required argument becomes a placeholder (``BloomMLP.forward(hidden, residual)``); optional
     arguments are fixed to their defaults, so the rewritten forward accepts the required ones only.
     A graph that depends on ``self.training`` (fx bakes it in) is refused: one graph must serve both modes.
+    Whether it does is seen in the same trace (:class:`_ModeFlag`), so a block is traced once, in the
+    mode it is in; a per-call trace (``passes.specialize``) then serves each mode it meets.
     """
     try:
         params = list(inspect.signature(module.forward).parameters.values())
@@ -164,23 +166,57 @@ def trace(module: nn.Module, leaves: Collection[nn.Module] = ()) -> TraceResult:
     required = [p for p in params if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not required:
         return TraceResult(None, "forward takes no required argument; fxtile traces blocks called with their input")
-    first = _trace_once(module, leaves)
-    if isinstance(first, str):
-        return TraceResult(None, first)
-    with preserved_modes(module):
-        for m in module.modules():
-            m.training = not m.training
-        other = _trace_once(module, leaves)
-    if isinstance(other, str) or _code(other) != _code(first):
+    reads: list[str] = []
+    with _watched_modes(module, reads):
+        traced = _trace_once(module, leaves)
+    if isinstance(traced, str):
+        return TraceResult(None, traced)
+    if reads or any(isinstance(v, _ModeFlag) for node in traced[1].nodes for v in _flat((node.args, node.kwargs))):
         return TraceResult(
             None, "its traced code depends on self.training (e.g. F.dropout(..., training=self.training)), "
             "so one graph cannot serve both train and eval mode"
         )
-    return TraceResult(graph_module(first[0], first[1], module.__class__.__name__))
+    return TraceResult(graph_module(traced[0], traced[1], module.__class__.__name__))
 
 
-def _code(traced: tuple[nn.Module, fx.Graph]) -> str:
-    return traced[1].python_code(root_module="self").src
+class _ModeFlag:
+    """Stands in for a module's ``training`` flag while its block is traced: it behaves as the flag, and
+    records that the traced code branched on it (``if self.training``). Passed on as an argument instead
+    (``F.dropout(x, training=self.training)``), it lands in the graph, where :func:`trace` finds it. Either
+    way the code depends on the mode, and one graph cannot serve both."""
+
+    def __init__(self, value: bool, reads: list[str], owner: str) -> None:
+        self.value, self.reads, self.owner = value, reads, owner
+
+    def __bool__(self) -> bool:
+        self.reads.append(self.owner)
+        return self.value
+
+    def __eq__(self, other: object) -> bool:
+        self.reads.append(self.owner)
+        return self.value == other
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+@contextlib.contextmanager
+def _watched_modes(module: nn.Module, reads: list[str]) -> Iterator[None]:
+    """Every module's ``training`` flag replaced by a :class:`_ModeFlag` for the duration, then put back."""
+    saved = [(m, m.__dict__.get("training", True)) for m in module.modules()]
+    try:
+        for (m, value), (name, _) in zip(saved, module.named_modules()):
+            m.__dict__["training"] = _ModeFlag(bool(value), reads, name)
+        yield
+    finally:
+        for m, value in saved:
+            m.__dict__["training"] = value
+
+
+def _flat(value: object) -> list:
+    out: list = []
+    fx.node.map_aggregate(value, lambda v: out.append(v) or v)
+    return out
 
 
 def _trace_once(module: nn.Module, leaves: Collection[nn.Module]) -> tuple[nn.Module, fx.Graph] | str:

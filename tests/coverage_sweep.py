@@ -1,7 +1,7 @@
 """Coverage sweep: tile every causal LM that the installed transformers registers, with no registry.
 
 Run ``python tests/coverage_sweep.py`` to print the table (``--help`` for options). For each entry of
-``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` it runs :func:`fxtile.tiny.verify` (what ``fxtile convert`` runs
+``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` it runs :func:`fxtile.tiny.exactness` (what ``fxtile convert`` runs
 too): the model built from its own config class with tiny sizes (composite configs: every sub-config is
 shrunk; MoE and MLA fields too), a deep copy tiled with ``fxtile.transform(copy, shards=4)``, and one
 training call as users make it (``model.train()``, the config's defaults, ``model(input_ids=ids,
@@ -55,7 +55,7 @@ def architectures() -> dict[str, str]:
 
 def default_config(model_type: str):
     """The causal-LM class's own config class (``Llama4ForCausalLM`` takes ``Llama4TextConfig``, not the
-    registered ``Llama4Config``) at its defaults (``fxtile.tiny.verify`` shrinks it)."""
+    registered ``Llama4Config``) at its defaults (``fxtile.tiny.exactness`` shrinks it)."""
     model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
     cls = getattr(model_cls, "config_class", None) or CONFIG_MAPPING[model_type]
     return cls()
@@ -141,7 +141,7 @@ def _layer_coverage(model, layers: list, widths: set[int]) -> tuple[int, int, li
 def check_loss(config, cls) -> str:
     """``"tiled"`` when ``transform(model, loss=True)`` tiles the model's own head and loss, that call runs
     them tiled, and the loss and every parameter gradient equal the untouched model's; else why not."""
-    found = tiny.verify(config, shards=SHARDS, cls=cls, loss=True, keep_model=True)
+    found = tiny.exactness(config, shards=SHARDS, cls=cls, loss=True, keep_model=True)
     if found.status != "passed":
         return f"{found.status}: {found.detail}"
     heads = [m.path for m in fxtile.find(found.model, loss=True) if m.tiled and m.pattern == "linear_cross_entropy"]
@@ -154,7 +154,7 @@ def check_loss(config, cls) -> str:
 
 
 def check(model_type: str, loss: bool = False) -> Result:
-    """Verify one architecture with :func:`fxtile.tiny.verify` (a default training call, meant to run in
+    """Verify one architecture with :func:`fxtile.tiny.exactness` (a default training call, meant to run in
     its own process), then check with the shape oracle that every decoder layer's feed-forward was tiled.
     ``loss``: also verify the head and loss tiled (:func:`check_loss`)."""
     start = time.time()
@@ -170,7 +170,7 @@ def check(model_type: str, loss: bool = False) -> Result:
             result.loss = check_loss(config, getattr(transformers, cls_name))
         except Exception as exc:  # noqa: BLE001
             result.loss = f"crashed: {_reason(exc)}"
-    found = tiny.verify(config, shards=SHARDS, cls=getattr(transformers, cls_name), keep_model=True)
+    found = tiny.exactness(config, shards=SHARDS, cls=getattr(transformers, cls_name), keep_model=True)
     result.max_error, result.detail = found.max_error, found.detail
     if found.status in ("build-failed", "run-failed", "transform-failed", "mismatch", "untiled-call"):
         result.status = found.status

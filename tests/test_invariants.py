@@ -54,7 +54,7 @@ def test_transform_twice_is_transform_once():
 def test_transform_again_with_new_shards_retiles():
     model = tiled_copy(M.Odd(), shards=2)
     fxtile.transform(model, shards=5)
-    assert [m.shards for m in fxtile.find(model)] == ["5"]
+    assert [m.policy for m in fxtile.find(model)] == [fxtile.ShardPolicy(shards=5)]
     reference = M.Odd()
     reference.load_state_dict(model.state_dict())
     assert_same_outputs_and_grads(reference, model, torch.randn(2, 5, 12, requires_grad=True))
@@ -255,7 +255,7 @@ def test_a_failed_retile_keeps_the_old_tiling():
 
     with pytest.raises(RuntimeError, match="boom"):
         fxtile.transform(model, shards=5, filter_fn=boom)
-    assert [m.shards for m in fxtile.find(model)] == ["2", "2", "2"]
+    assert [m.policy for m in fxtile.find(model)] == [fxtile.ShardPolicy(shards=2)] * 3
     assert torch.equal(model(x), before)
 
 

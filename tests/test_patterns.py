@@ -351,7 +351,7 @@ def test_new_region_kinds_retile_restore_and_deepcopy(make, inputs):
     first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     fxtile.transform(model, shards=2)
     fxtile.transform(model, shards=5)  # a new shard count re-tiles
-    assert [m.shards for m in fxtile.find(model)] == ["5"]
+    assert [m.policy for m in fxtile.find(model)] == [fxtile.ShardPolicy(shards=5)]
     torch.testing.assert_close(first(model(*x)), first(reference(*x)), rtol=1e-5, atol=1e-6)
     clone = copy.deepcopy(model)  # independent weights, still tiled
     assert all(m.tiled for m in fxtile.find(clone))

@@ -22,7 +22,7 @@ from torch import nn
 import fxtile
 import fxtile.kernels.mlp
 import fxtile.testing
-import fxtile.verify
+import fxtile.selfcheck
 from helpers import ran_tiled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,14 +50,14 @@ def _llama(layers: int, hidden: int = 32, inter: int = 88):
 
 def test_identical_regions_are_checked_once_and_each_distinct_one_is_checked():
     model = _llama(layers=6)
-    with mock.patch.object(fxtile.verify, "check_region", wraps=fxtile.verify.check_region) as check:
+    with mock.patch.object(fxtile.selfcheck, "check_region", wraps=fxtile.selfcheck.check_region) as check:
         fxtile.transform(model, shards=3)
     assert check.call_count == 1  # six identical MLPs: one structure
     assert all(m.verified for m in fxtile.find(model)) and len(fxtile.find(model)) == 6
     other = _llama(layers=6)
     other.model.layers[4].mlp.act_fn = nn.GELU()  # one layer computes another function
     other.model.layers[5].mlp.train(False)  # and one runs in another mode
-    with mock.patch.object(fxtile.verify, "check_region", wraps=fxtile.verify.check_region) as check:
+    with mock.patch.object(fxtile.selfcheck, "check_region", wraps=fxtile.selfcheck.check_region) as check:
         fxtile.transform(other, shards=3, loss=True)
     assert check.call_count == 4  # the common MLP, the GELU one, the eval one, the loss head
 

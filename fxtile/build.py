@@ -1,0 +1,225 @@
+"""Build time: turn a planned block's regions into tiled callables, check and profile each, rewrite its graph,
+and describe what will be installed (:class:`TileState`).
+
+Every kind of block ends here (:func:`tile_graph`, :func:`build_bank`): each region is built once from
+its description, checked numerically (:mod:`fxtile.selfcheck`) and profiled for the shard policy
+(:mod:`fxtile.memory`), and only the regions that pass are rewritten into the graph. Verdicts and profiles
+are kept by region structure for the whole ``transform`` (``checked``): a model's identical layers are
+checked once. The self-check's refusals are recorded per block (:data:`CHECK_REFUSALS`): they are what
+``find`` reports for a block whose regions were not installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+import weakref
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import memory, selfcheck
+from .compare import max_error, tolerance
+from .kernels import experts as bank_kernel
+from .kernels.shards import shard_bounds
+from .passes.candidate import Candidate
+from .passes.cut import MODULE_HOOKS, RegionSpec, cut_region
+from .passes.experts import ExpertsMatch, bank_region, experts_forward, probe_inputs
+from .passes.modes import preserved_modes
+from .passes.rewrite import rewrite
+from .passes.trace import get_path, module_stack
+from .policy import ShardPolicy
+from .records import Match, Skipped, Why
+from .region import Region, TiledRegion, tiled as tiled_callable
+from .selfcheck import Check, structure_key
+
+if TYPE_CHECKING:
+    from .percall import PerCall
+
+__all__ = ["Built", "CHECK_REFUSALS", "STATE", "TileState", "bank_record", "build_bank", "record", "tile_graph"]
+
+STATE = "_fxtile"  # the instance attribute holding a tiled module's TileState
+
+# Regions the self-check refused at the last transform, by block (weak: the record goes with the module).
+CHECK_REFUSALS: "weakref.WeakKeyDictionary[nn.Module, list[Skipped]]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class TileState:
+    """What fxtile installs on a tiled module (a plain attribute: not in ``state_dict``)."""
+
+    kind: str
+    attr: str  # the instance attribute replaced: "forward" or a method name
+    function: Callable  # installed as ``types.MethodType(function, module)``
+    matches: list[Match]
+    regions: list[TiledRegion]  # one per match (for a block traced per call: its default call's graph)
+    policy: ShardPolicy
+    per_call: Optional["PerCall"] = None
+    owner: Optional[nn.Module] = None  # what the regions' tensor paths are relative to (default: the module)
+
+    def __deepcopy__(self, memo: dict) -> "TileState":  # deep copies share regions (structure only)
+        return TileState(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)})
+
+    def __reduce__(self):
+        raise TypeError(
+            "a model tiled by fxtile cannot be pickled (its regions live in this process); "
+            "call fxtile.restore(model) first, or save its state_dict()"
+        )
+
+
+@dataclass
+class Built:
+    """What building a planned block gave: the state to install (None: no region passed) and the regions the
+    self-check refused."""
+
+    state: Optional[TileState]
+    refused: list[Skipped]
+
+
+# ---------------------------------------------------------------------------------------------
+# The public records of what was found and built
+
+
+def record(path: str, cand: Candidate, method: str = "forward", policy: Optional[ShardPolicy] = None,
+           check: Optional[Check] = None, prefix: str = "", tiled: Optional[TiledRegion] = None) -> Match:
+    """The public record of a candidate; ``prefix``: the block's path in the traced root (names are
+    given relative to the block)."""
+    def rel(name: str, sep: str) -> str:
+        return name.removeprefix(prefix + sep) if prefix else name
+
+    widths = {"intermediate_size": None, "vocab_size": None, cand.kind.width_name: cand.width}
+    return Match(
+        path=path, pattern=cand.pattern, roles={k: rel(v, ".") for k, v in cand.roles.items()},
+        activation=cand.activation, hidden_size=cand.hidden_size, **widths,
+        nodes=tuple(rel(n.name, "_") for n in cand.nodes), policy=policy, method=method,
+        verified=check.passed if check is not None else None, check=check.detail if check is not None else "",
+        tiled_from=tiled.tiled_from() if tiled is not None else None,
+    )
+
+
+def bank_record(path: str, bank: ExpertsMatch, policy: Optional[ShardPolicy] = None, check: Optional[Check] = None,
+                tiled: Optional[TiledRegion] = None) -> Match:
+    return Match(
+        path=path, pattern="routed_experts", roles={"experts": ", ".join(bank.tensor_names)},
+        activation=bank.activation, hidden_size=bank.hidden_size, intermediate_size=bank.intermediate_size,
+        vocab_size=None, nodes=(path.rsplit(".", 1)[-1] or "experts",), policy=policy,
+        verified=check.passed if check is not None else None, check=check.detail if check is not None else "",
+        tiled_from=tiled.tiled_from() if tiled is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Check, profile, rewrite
+
+
+def _warn_about_hooks(path: str, root: nn.Module, gm: fx.GraphModule, cand: Candidate, prefix: str) -> None:
+    """Hooks on modules *inside* a tiled region cannot run as before (the region runs as one op over
+    shards), so say so instead of dropping them silently."""
+    inside = {str(n.target) for n in cand.nodes if n.op == "call_module"}
+    inside |= {p for n in cand.nodes for p in module_stack(n) if p != prefix}
+    hooked = sorted(p for p in inside if any(getattr(root.get_submodule(p), h) for h in MODULE_HOOKS))
+    if hooked:
+        def name(p: str) -> str:
+            p = p.removeprefix(prefix + ".") if prefix else p
+            return f"{path}.{p}" if path else p
+        warnings.warn(
+            f"fxtile: {', '.join(name(p) for p in hooked)} inside a tiled region has module hooks, which do not run "
+            f"while it is tiled; exclude the block with filter_fn=lambda m, fqn: fqn != {path!r} to keep them",
+            stacklevel=5,
+        )
+
+
+def check_and_profile(tiled: TiledRegion, root: nn.Module, verify: bool, checked: dict) -> Check:
+    """The self-check's verdict on ``root``'s live tensors and modes, and the region's memory profile (what
+    ``shards="auto"`` decides each call by), both kept in ``checked`` by the region's structure."""
+    tensors = [get_path(root, p) for p in tiled.tensor_paths]
+    modes = tiled.live_modes([get_path(root, p) for p in tiled.module_paths])
+    key = structure_key(tiled, tensors, modes)
+    if key not in checked:
+        check = selfcheck.check_region(tiled, tensors, modes) if verify else Check(None, None, "not verified (verify=False)")
+        found = memory.profile(tiled.region, tensors, modes) if check.passed is not False else "not profiled"
+        checked[key] = (check, found)
+    check, found = checked[key]
+    if isinstance(found, str):
+        tiled.region.profile, tiled.region.profile_note = None, found
+    else:
+        tiled.region.profile, tiled.region.profile_note = found, "profiled"
+    return check
+
+
+def tile_graph(
+    path: str, gm: fx.GraphModule, candidates: list[Candidate], policy: ShardPolicy, verify: bool,
+    root: nn.Module, checked: dict, prefix: str = "", method: str = "forward",
+) -> tuple[list[Match], list[TiledRegion], list[Skipped]]:
+    """Build each region once, check and profile it, and rewrite ``gm`` with the regions that pass (in place).
+
+    ``checked``: verdicts and profiles by region structure (:func:`fxtile.selfcheck.structure_key`), shared by
+    the blocks of one transform: identical layers are checked once, and a block traced per call that builds
+    the same region again for another call signature reuses the verdict it got at transform (before any
+    wrapper such as FSDP's swaps its parameters for views mid-forward)."""
+    matches, regions, skipped, kept = [], [], [], []
+    for i, cand in enumerate(candidates):
+        tiled = tiled_callable(cut_region(gm, cand, f"{cand.pattern}_{i}"), policy)
+        check = check_and_profile(tiled, root, verify, checked)
+        if check.passed is False:
+            nodes = ", ".join(n.name for n in cand.nodes)
+            skipped.append(Skipped(path, Why.SELF_CHECK, f"{cand.pattern} region {nodes}: {check.detail}", cand.pattern))
+            continue
+        _warn_about_hooks(path, root, gm, cand, prefix)
+        kept.append((cand, tiled))
+        matches.append(record(path, cand, method, policy, check, prefix, tiled))
+        regions.append(tiled)
+    if kept:
+        rewrite(gm, kept)
+    return matches, regions, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert banks: the plan hypothesis the bank reproduces, then the same check and profile
+
+
+def bank_plan(module: nn.Module, spec: RegionSpec, bank: ExpertsMatch):
+    """The first of the bank's plan hypotheses whose explicit kernel reproduces the bank's own forward on
+    random routed rows in two uneven shards (a forward only, as the row-independence probe; the self-check
+    then compares every gradient), or None: the bank keeps the generic kernel."""
+    if not spec.hypotheses:
+        return None
+    tensors = [p.detach() for _, p in module.named_parameters()]
+    x, ids, weights = probe_inputs(bank.num_experts, bank.hidden_size, tensors[0])
+    act = spec.hypotheses[0].expert.act  # the bank's only child, as the template holds it
+    try:
+        with preserved_modes(module), torch.no_grad():
+            module.eval()
+            expected = module(x, ids, weights)
+        with preserved_modes(act), torch.no_grad():
+            act.train()  # an activation that draws random numbers is no plain activation
+            probe = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).to(x)
+            if not torch.equal(act(probe), act(probe)):
+                return None
+    except Exception:  # noqa: BLE001 - the row-independence probe already refused banks that do not run
+        return None
+    for plan in spec.hypotheses:
+        try:
+            with torch.no_grad():
+                got = bank_kernel.forward(plan, [x, ids, weights], tensors, 2, shard_bounds)
+        except Exception:  # noqa: BLE001 - a hypothesis that misreads the shapes
+            continue
+        if max_error(expected, got, floor=1e-6) <= tolerance(expected.dtype):
+            return plan
+    return None
+
+
+def build_bank(path: str, module: nn.Module, bank: ExpertsMatch, policy: ShardPolicy, verify: bool,
+               checked: dict) -> Built:
+    spec = bank_region(module, bank, "routed_experts_0")
+    tiled = TiledRegion(Region(dataclasses.replace(spec, plan=bank_plan(module, spec, bank))), policy)
+    check = check_and_profile(tiled, module, verify, checked)
+    if check.passed is False:
+        return Built(None, [Skipped(path, Why.SELF_CHECK, f"expert bank: {check.detail}", "routed_experts")])
+    gm = experts_forward(module, bank, tiled)
+    return Built(TileState("experts", "forward", type(gm).forward, [bank_record(path, bank, policy, check, tiled)],
+                           [tiled], policy), [])

@@ -1,0 +1,144 @@
+"""Call time: the forward installed on a block traced per call signature, and the graphs it keeps.
+
+A block whose forward does not trace as one graph (a BART/OPT decoder layer with its MLP inline, a causal
+LM's head and loss) is traced once per call signature (``fxtile.passes.specialize``: non-tensor arguments,
+train/eval modes and grad mode are the key). What runs on every forward lives here, apart from the plan
+and build steps that run once at ``transform``: bind the call, look its key up in a small LRU of graphs,
+build a graph for a new key (trace, match, build at call time), or run the class's own code and say why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .build import STATE, tile_graph
+from .passes.match import match_block
+from .passes.specialize import ROOT, Binder, CallSpec, call_spec, trace_call
+from .policy import ShardPolicy
+from .region import TiledRegion
+
+__all__ = ["CACHE_SIZE", "Entry", "PerCall", "per_call_forward"]
+
+CACHE_SIZE = 32  # call signatures remembered per block (least recently used first out)
+
+
+class _SpecCache(OrderedDict):
+    """Call key -> (graph, output spec) or the reason it runs untiled. Not copied by deepcopy: a copy
+    traces again on its first calls, so no graph of the copy points at the original's modules."""
+
+    def __deepcopy__(self, memo: dict) -> "_SpecCache":
+        return _SpecCache()
+
+
+@dataclass
+class Entry:
+    """One call signature's tiled graph. It runs as ``graph_module``'s code on ``root`` (the wrapper that
+    holds the live block), never on the graph module's own attributes: those are the tensors seen at
+    trace time, and FSDP swaps a module's parameters for unsharded views on every forward."""
+
+    graph_module: fx.GraphModule
+    root: nn.Module
+    out_spec: pytree.TreeSpec
+    regions: list[TiledRegion]
+
+    def __call__(self, inputs: list):
+        return pytree.tree_unflatten(type(self.graph_module).forward(self.root, *inputs), self.out_spec)
+
+
+@dataclass(frozen=True)
+class _Untiled:
+    """A call signature that runs the class's own code: why, and whether to say so (a causal LM called
+    without labels, or without gradients, computes no loss to tile: nothing to say)."""
+
+    reason: str
+    warn: bool = True
+
+
+@dataclass
+class PerCall:
+    """A block traced per call signature: what each call needs to find (or build) its graph."""
+
+    path: str
+    attr: str
+    original: Callable  # the class's function for ``attr``
+    binder: Binder
+    leaves: frozenset
+    patterns: tuple
+    policy: ShardPolicy
+    verify: bool
+    checked: dict = field(default_factory=dict)  # self-check verdicts and profiles by structure (see tile_graph)
+    cache: _SpecCache = field(default_factory=_SpecCache)
+    untiled_calls: int = 0
+    warned: bool = False
+
+    def entry(self, module: nn.Module, spec: CallSpec) -> Union[Entry, _Untiled]:
+        found = self.cache.get(spec.key)
+        if found is None and torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"fxtile: {self.path or '(root)'} is traced per call signature and meets a new one inside torch.compile, "
+                "which cannot trace it; run one step eagerly before compiling (each call signature is traced once)"
+            )
+        if found is None:
+            found = self._build(module, spec)
+            self.cache[spec.key] = found
+            while len(self.cache) > CACHE_SIZE:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(spec.key)
+        return found
+
+    def _build(self, module: nn.Module, spec: CallSpec) -> Union[Entry, _Untiled]:
+        result = match_block(lambda leaves: trace_call(module, spec, leaves, self.original), self.leaves,
+                             self.patterns, lambda t: t.root, ROOT)
+        if isinstance(result, str):
+            return _Untiled(result)
+        traced, candidates, rejections = result
+        if not candidates:
+            expected = not rejections and all(p.nests for p in self.patterns)  # a head called without a loss
+            reason = rejections[0].reason if rejections else "no region in the graph of this call"
+            return _Untiled(reason, warn=not expected)
+        _, regions, skipped = tile_graph(self.path, traced.graph_module, candidates, self.policy, self.verify,
+                                         traced.root, self.checked, ROOT, self.attr)
+        if not regions:
+            return _Untiled("; ".join(s.reason for s in skipped))
+        return Entry(traced.graph_module, traced.root, traced.out_spec, regions)
+
+    def entries(self) -> list[Entry]:
+        """Every call graph built so far."""
+        return [e for e in self.cache.values() if isinstance(e, Entry)]
+
+    def regions(self) -> list[TiledRegion]:
+        return [r for e in self.entries() for r in e.regions]
+
+    def untiled(self, reason: str, warn: bool = True) -> None:
+        """Say once per block that a call ran untiled, and why."""
+        if not warn:
+            return
+        self.untiled_calls += 1
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"fxtile: {self.path or '(root)'} runs untiled for this call: {reason}", stacklevel=4)
+
+
+def per_call_forward(self: nn.Module, *args, **kwargs):
+    """The installed forward (or method) of a block traced per call: this call's tiled graph, or the
+    class's own code with a warning when there is none."""
+    per_call: PerCall = self.__dict__[STATE].per_call
+    keyed = call_spec(per_call.binder, self, args, kwargs)
+    if isinstance(keyed, str):
+        per_call.untiled(keyed)
+        return per_call.original(self, *args, **kwargs)
+    spec, inputs = keyed
+    entry = per_call.entry(self, spec)
+    if isinstance(entry, _Untiled):
+        per_call.untiled(entry.reason, entry.warn)
+        return per_call.original(self, *args, **kwargs)
+    return entry(inputs)
