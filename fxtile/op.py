@@ -39,7 +39,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .kernels import loss as loss_kernel
 from .passes.plans import LossPlan
-from .kernels import mlp, shards as K
+from .kernels import shards as K
 
 __all__ = ["Counters", "Kernel", "autocast_dtype_of", "backward_kernel", "forward_kernel", "live_regions", "lookup",
            "register", "tiled_backward", "tiled_cross_entropy", "tiled_forward"]

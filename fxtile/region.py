@@ -75,6 +75,15 @@ def _freeze(value: object) -> object:
     return None
 
 
+def _class_names(*classes: type) -> list[str]:
+    """Class names as a reader tells them apart: qualified where two share a name (PEFT's ``lora.Linear``
+    and ``torch.nn.Linear``)."""
+    short = [c.__qualname__ for c in classes]
+    if len(set(short)) == len(short):
+        return short
+    return [f"{c.__module__}.{c.__qualname__}" for c in classes]
+
+
 def python_state(module: nn.Module) -> dict:
     """Plain Python attributes of ``module`` and its children, by (child index, name). Attributes a
     framework adds later (FSDP, DeepSpeed) are not compared: only the ones present when tiled."""
@@ -149,10 +158,11 @@ class TiledRegion:
         module was replaced or its Python state changed since (PEFT's disable_adapter/merge_adapter)."""
         for path, module, expected in zip(self.region.module_paths, modules, self.region.module_types):
             if type(module) is not expected:
+                now, was = _class_names(type(module), expected)
                 raise RuntimeError(
-                    f"fxtile: submodule {path!r} is now {type(module).__name__}, but was {expected.__name__} when "
-                    "it was tiled; call fxtile.restore(model) and then fxtile.transform(model) again after "
-                    "replacing submodules (e.g. apply PEFT before fxtile)"
+                    f"fxtile: submodule {path!r} is now {now}, but was {was} when it was tiled; call "
+                    "fxtile.restore(model) and then fxtile.transform(model) again after replacing submodules "
+                    "(e.g. apply PEFT before fxtile)"
                 )
         if torch.compiler.is_compiling():
             return

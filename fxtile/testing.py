@@ -62,7 +62,8 @@ def _block_regions(module: nn.Module) -> list:
 
 
 def shard_counts(model: nn.Module) -> dict[str, ShardCount]:
-    """Block path -> what the op ran for its regions so far (every call graph of a per-call block)."""
+    """Block path -> what the op ran for its regions so far (every call graph of a per-call block). A deep
+    copy of a tiled model shares its original's regions (structure only), and so their counters."""
     counts = {}
     for path, module in model.named_modules():
         regions = _block_regions(module)

@@ -11,7 +11,7 @@ import torch._dynamo.testing
 
 import fxtile
 import modules as M
-from helpers import assert_same_outputs_and_grads, tiny_causal_lm
+from helpers import assert_same_outputs_and_grads, ran_tiled, tiled_copy, tiny_causal_lm
 
 
 @pytest.fixture(autouse=True)
@@ -25,10 +25,10 @@ def fresh_dynamo():
 def test_tiled_mlp_compiles_fullgraph_with_inductor_and_is_exact(name):
     model = tiny_causal_lm("llama").model.layers[0].mlp if name.startswith("llama") else M.Odd()
     hidden = fxtile.find(model)[0].hidden_size
-    tiled = fxtile.transform(copy.deepcopy(model), shards=3)
+    tiled = tiled_copy(model, shards=3)
     compiled = torch.compile(tiled, fullgraph=True)  # inductor, the default backend
     x = torch.randn(2, 9, hidden, requires_grad=True)
-    assert_same_outputs_and_grads(model, compiled, x)
+    assert ran_tiled(tiled, lambda: assert_same_outputs_and_grads(model, compiled, x)) == (3, 3)
 
 
 def test_tiny_llama_compiles_fullgraph_and_matches_eager():
@@ -75,13 +75,13 @@ def test_compiled_backward_keeps_no_full_sequence_intermediate():
 
 
 def test_dynamic_sequence_lengths_compile_once():
-    model = fxtile.transform(M.Odd(), shards=4)
+    reference = M.Odd()
+    model = fxtile.transform(copy.deepcopy(reference), shards=4)
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
-    reference = copy.deepcopy(model)
     for seq in (9, 17, 33):
         x = torch.randn(2, seq, 12)
-        torch.testing.assert_close(compiled(x), reference(x))
+        assert ran_tiled(model, lambda: torch.testing.assert_close(compiled(x), reference(x)))[0] == 4
     assert counter.frame_count == 1
 
 
@@ -92,7 +92,8 @@ def test_auto_shards_work_with_symbolic_sizes():
     for seq in (40, 80, 120):
         model.zero_grad(set_to_none=True)
         x = torch.randn(1, seq, 12, requires_grad=True)
-        assert_same_outputs_and_grads(copy.deepcopy(model), compiled, x)
+        ran = ran_tiled(model, lambda: assert_same_outputs_and_grads(copy.deepcopy(model), compiled, x))
+        assert ran[0] == ran[1] > 1, ran  # several shards, chosen from the symbolic token count
     assert counter.frame_count <= 2, "auto shards from a symbolic token count: bounded recompiles"
 
 
@@ -105,7 +106,9 @@ def test_compiled_tiled_mlp_keeps_the_callers_autocast():
     tiled = torch.compile(fxtile.transform(copy.deepcopy(model), shards=3), fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 9, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, got = untiled(x), tiled(x)
+        expected = untiled(x)
+        assert ran_tiled(tiled, lambda: tiled(x))[0] == 3
+        got = tiled(x)
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 

@@ -11,7 +11,7 @@ import torch
 import fxtile
 import fxtile.testing
 import modules as M
-from helpers import assert_same_outputs_and_grads, tiny_causal_lm
+from helpers import assert_same_outputs_and_grads, ran_tiled, tiny_causal_lm
 
 
 def _mlp(name):
@@ -49,7 +49,8 @@ def test_fast_path_with_frozen_weights_and_no_input_grad():
     model = _mlp("llama")
     model.gate_proj.weight.requires_grad_(False)
     tiled = fxtile.transform(copy.deepcopy(model), shards=3)
-    assert_same_outputs_and_grads(model, tiled, torch.randn(2, 5, 32))
+    assert fxtile.testing.fast_paths(tiled) == [True]
+    assert ran_tiled(tiled, lambda: assert_same_outputs_and_grads(model, tiled, torch.randn(2, 5, 32))) == (3, 3)
     assert tiled.gate_proj.weight.grad is None and tiled.up_proj.weight.grad is not None
 
 
@@ -73,14 +74,17 @@ def test_fast_path_bf16_grads_are_as_close_to_fp64_as_the_untiled_module():
 
 
 @pytest.mark.parametrize(
-    "make", [M.PlainSwish, lambda: M.PlainSwish(inplace_relu=True), M.FusedPartial],
+    "make, pattern, fast", [(M.PlainSwish, "plain", True), (lambda: M.PlainSwish(inplace_relu=True), "plain", False),
+                            (M.FusedPartial, "gated_fused", False)],
     ids=["plain_t_times_sigmoid_t", "inplace_relu", "fused_partial_slices"],
 )
-def test_shapes_the_fast_path_must_not_misread_stay_exact(make):
-    """``t * sigmoid(t)`` is no fused gate; an in-place activation and slices that do not split the whole
-    projection in two take a path that handles them; either way the gradients are exact."""
+def test_shapes_the_fast_path_must_not_misread_stay_exact(make, pattern, fast):
+    """``t * sigmoid(t)`` is a plain MLP's activation, not a fused gate (fast path); an in-place activation
+    (its vjp would need the overwritten input) and slices that do not split the whole projection in two take
+    the generic kernel; either way the gradients are exact."""
     torch.manual_seed(0)
     model = make()
     tiled = fxtile.transform(copy.deepcopy(model), shards=3)
-    assert [m.pattern for m in fxtile.find(tiled)] != ["gated_fused"] or fxtile.testing.fast_paths(tiled) == [False]
+    assert [(m.pattern, m.tiled) for m in fxtile.find(tiled)] == [(pattern, True)]
+    assert fxtile.testing.fast_paths(tiled) == [fast]
     assert_same_outputs_and_grads(model, tiled, torch.randn(2, 7, 12, requires_grad=True))

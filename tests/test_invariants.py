@@ -223,6 +223,17 @@ def test_replacing_a_tiled_submodule_fails_loudly():
         model(torch.randn(1, 3, 12))
 
 
+class Linear(torch.nn.Linear):
+    """Shares its class name with torch.nn.Linear, as PEFT's lora.Linear does."""
+
+
+def test_a_replacement_of_the_same_class_name_is_named_by_its_qualified_name():
+    model = tiled_copy(M.Odd(), shards=2)
+    model.wa = Linear(12, 28)
+    with pytest.raises(RuntimeError, match=r"'wa' is now test_invariants\.Linear, but was torch\.nn\.modules\.linear\.Linear"):
+        model(torch.randn(1, 3, 12))
+
+
 def test_hooks_inside_a_tiled_region_are_reported():
     model = M.Odd()
     model.wa.register_forward_hook(lambda *a: None)

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 import fxtile
 import fxtile.testing
 import modules as M
-from helpers import TINY, grads_of, profiled_matmuls
+from helpers import TINY, grads_of, profiled_matmuls, ran_tiled
 
 T = pytest.importorskip("transformers")
 
@@ -105,9 +105,11 @@ def test_rows_all_ignored_in_a_shard_and_in_the_whole_batch():
     model = _lm("llama")
     tiled = fxtile.transform(copy.deepcopy(model), shards=3, loss=True)
     ids = torch.randint(0, V, (2, 9))
+    before = fxtile.testing.shard_counts(tiled)[""].forward_shards
     _assert_same_loss_and_grads(model, tiled, input_ids=ids, labels=_labels(ids, [(0, slice(None))]))
     ref_loss, _, ref_grads = _step(model, input_ids=ids, labels=torch.full_like(ids, -100))
     loss, _, grads = _step(tiled, input_ids=ids, labels=torch.full_like(ids, -100))
+    assert fxtile.testing.shard_counts(tiled)[""].forward_shards - before == 6  # both calls ran the loss tiled
     assert math.isnan(ref_loss.item()) and math.isnan(loss.item()), "a mean over no rows is NaN, as in torch"
     for name, g in ref_grads.items():
         if g is not None:
@@ -120,7 +122,8 @@ def test_calls_without_labels_without_grad_in_eval_and_generate_keep_their_logit
     ids = torch.randint(0, V, (2, 9))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none of these calls is a loss fxtile failed to tile
-        torch.testing.assert_close(tiled(input_ids=ids).logits, model(input_ids=ids).logits)
+        mlps = ran_tiled(tiled, lambda: torch.testing.assert_close(tiled(input_ids=ids).logits, model(input_ids=ids).logits))
+        assert mlps[0] == 2 * 3  # the layers' MLPs ran tiled; the logits were asked for
         with torch.no_grad():
             got, ref = tiled(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
         torch.testing.assert_close(got.logits, ref.logits)

@@ -16,7 +16,7 @@ import modules as M
 from fxtile.region import tiled
 from helpers import tiny_causal_lm
 from fxtile.passes.labels import LINEAR, label
-from fxtile.passes.match import FILTERS, find_candidates
+from fxtile.passes.match import find_candidates
 from fxtile.passes.patterns import MLP_PATTERNS
 from fxtile.passes.cut import cut_region
 from fxtile.passes.rewrite import rewrite
@@ -94,20 +94,52 @@ def test_each_pattern_is_an_object_with_its_graph_and_a_cut():
         assert pattern.graph.number_of_nodes() >= 3 and callable(pattern.cut) and not pattern.nests
 
 
-def test_filters_are_a_list_each_with_its_reason_and_overlap_is_reported():
-    assert [f.__name__ for f in FILTERS] == ["not_contained", "rows_not_tokens", "stateful", "overlapping"]
+class _Escapes(nn.Module):  # the activation is also returned: it cannot be recomputed away
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 8)
 
-    class Chain(nn.Module):  # a -> act -> b -> act -> c -> act -> d: plain MLPs (a, b), (b, c), (c, d)
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.c, self.d = nn.Linear(8, 32), nn.Linear(32, 8), nn.Linear(8, 32), nn.Linear(32, 8)
+    def forward(self, x):
+        h = F.gelu(self.a(x))
+        return self.b(h), h
 
-        def forward(self, x):
-            return self.d(F.relu(self.c(F.gelu(self.b(F.relu(self.a(x)))))))
 
-    accepted, rejected = find_candidates(_graph(Chain()))
-    assert [c.roles for c in accepted] == [{"fc1": "a", "fc2": "b"}, {"fc1": "c", "fc2": "d"}]
-    assert any("overlaps the plain region ending at b" in r.reason for r in rejected), rejected
+class _Transposed(_Escapes):  # the rows the MLP sees are features, not tokens
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x.transpose(-1, -2))))
+
+
+class _Counting(nn.Module):  # a projection that updates a buffer in forward
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.a.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x)))
+
+
+class _Chain(nn.Module):  # a -> act -> b -> act -> c -> act -> d: plain MLPs (a, b), (b, c), (c, d)
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(8, 32), nn.Linear(32, 8), nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.d(F.relu(self.c(F.gelu(self.b(F.relu(self.a(x)))))))
+
+
+@pytest.mark.parametrize("make, accepted, reason", [
+    (_Escapes, [], "is also used outside the region"),
+    (_Transposed, [], "so its rows may not be tokens"),
+    (_Counting, [], "holds buffers, which its forward may update"),
+    (_Chain, [{"fc1": "a", "fc2": "b"}, {"fc1": "c", "fc2": "d"}], "overlaps the plain region ending at b"),
+], ids=["contained", "rows_are_tokens", "stateless", "no_overlap"])
+def test_each_filter_refuses_what_it_names_with_its_reason(make, accepted, reason):
+    """The filters run in order on every candidate; each rejection comes back with its reason (the
+    overlap filter included: the larger, earlier region is kept)."""
+    found, rejected = find_candidates(_graph(make()))
+    assert [c.roles for c in found] == accepted
+    assert any(reason in r.reason for r in rejected), rejected
 
 
 def test_a_sum_of_linear_maps_of_one_input_is_labelled_one_projection():

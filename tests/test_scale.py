@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxtile
-import fxtile.kernels.mlp
+import fxtile.kernels.linear
 import fxtile.testing
 import fxtile.selfcheck
 from helpers import ran_tiled
@@ -143,12 +143,12 @@ def test_a_wrong_kernel_is_caught_by_the_narrowed_check(monkeypatch, loss):
     model = _llama(layers=1, hidden=256, inter=512)
     healthy = fxtile.transform(copy.deepcopy(model), shards=3, loss=loss)
     assert all(m.verified for m in fxtile.find(healthy, loss=loss))
-    real = fxtile.kernels.mlp.weight_grads
+    real = fxtile.kernels.linear.weight_grads
 
     def off_by_one_percent(sums, needs, t, p, x, dy, fp32=True):
         real(sums, needs, t, p, x, dy * 1.01, fp32)
 
-    monkeypatch.setattr(fxtile.kernels.mlp, "weight_grads", off_by_one_percent)
+    monkeypatch.setattr(fxtile.kernels.linear, "weight_grads", off_by_one_percent)
     with pytest.warns(UserWarning):
         fxtile.transform(model, shards=3, loss=loss)
     found = fxtile.find(model, loss=loss)

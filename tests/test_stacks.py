@@ -176,7 +176,7 @@ def test_dropout_in_a_tiled_region_compiles_fullgraph_and_replays():
     x = torch.randn(2, 6, 12, requires_grad=True)
     torch.manual_seed(5)
     out = compiled(x)
-    out.sum().backward()
+    assert ran_tiled(tiled, lambda: out.sum().backward()) == (0, 3)  # the compiled backward recomputed 3 shards
     rows, ref = _shard_wise_reference(copy.deepcopy(block), x, 3, 5)
     ref.sum().backward()
     torch.testing.assert_close(out.reshape(ref.shape), ref)
@@ -476,7 +476,9 @@ def test_every_module_keeps_the_mode_the_user_set_mixed_modes_included():
     tiled = fxtile.transform(model, shards=3)
     assert [m.training for m in tiled.modules()] == modes
     ids = torch.randint(0, TINY["vocab_size"], (2, 7))
-    assert_same_outputs_and_grads(reference, tiled, ids, out_fn=lambda o: o.logits, atol=2e-5, rtol=1e-4)
+    ran = ran_tiled(tiled, lambda: assert_same_outputs_and_grads(reference, tiled, ids, out_fn=lambda o: o.logits,
+                                                                 atol=2e-5, rtol=1e-4))
+    assert ran == (2 * 3, 2 * 3)  # both layers' expert banks ran tiled
     assert [m.training for m in tiled.modules()] == modes, "a forward must not change any module's mode"
 
 

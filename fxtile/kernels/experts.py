@@ -26,7 +26,7 @@ import torch
 from torch.func import vjp
 
 from ..passes.plans import BankPlan
-from . import mlp
+from . import linear, mlp
 
 __all__ = ["backward", "forward"]
 
@@ -72,7 +72,7 @@ def forward(plan: BankPlan, rows: Sequence[torch.Tensor], tensors: Sequence[torc
             t = _expert(plan, tensors, e)
             gate, up = mlp.branches(plan.expert, xs[a:b], t)
             h = plan.expert.act(gate)
-            ys[a:b] = mlp.linear(h * up if up is not None else h, t, plan.expert.down) * ws[a:b]
+            ys[a:b] = linear.linear(h * up if up is not None else h, t, plan.expert.down) * ws[a:b]
         out[lo:hi] = _per_token(ys, inverse, k)
     return out
 
@@ -105,11 +105,11 @@ def backward(plan: BankPlan, grad: torch.Tensor, rows: Sequence[torch.Tensor], t
             gate, up = mlp.branches(plan.expert, xs[a:b], t)
             act, pullback = vjp(plan.expert.act, gate)
             h = act * up if up is not None else act
-            dh = mlp.input_grad(dys[a:b], t, plan.expert.down)  # of the unweighted expert output
+            dh = linear.input_grad(dys[a:b], t, plan.expert.down)  # of the unweighted expert output
             if dws is not None:
                 dws[a:b] = (h.to(wide) * dh.to(wide)).sum(-1)
             dh.mul_(ws[a:b])
-            mlp.weight_grads(expert_sums, expert_needs, t, plan.expert.down, h, dys[a:b] * ws[a:b], fp32)
+            linear.weight_grads(expert_sums, expert_needs, t, plan.expert.down, h, dys[a:b] * ws[a:b], fp32)
             del h, gate
             du = None
             if up is not None:
@@ -122,9 +122,9 @@ def backward(plan: BankPlan, grad: torch.Tensor, rows: Sequence[torch.Tensor], t
                 dfirst[:, plan.expert.gate_cols], dfirst[:, plan.expert.up_cols] = dgate, du
             else:
                 dfirst = dgate
-            mlp.weight_grads(expert_sums, expert_needs, t, plan.expert.first, xs[a:b], dfirst, fp32)
+            linear.weight_grads(expert_sums, expert_needs, t, plan.expert.first, xs[a:b], dfirst, fp32)
             if dxs is not None:
-                mlp.input_grad(dfirst, t, plan.expert.first, out=dxs[a:b])
+                linear.input_grad(dfirst, t, plan.expert.first, out=dxs[a:b])
         if dx is not None:
             dx[lo:hi] = _per_token(dxs, inverse, k)
         if dw is not None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.func import vjp
 
 from ..passes.plans import LossPlan
-from . import mlp
+from . import linear
 from .shards import finish, shard_bounds
 
 __all__ = ["forward"]
@@ -101,15 +101,15 @@ def forward(
     shard_dz = _fused_dz if plan.fused else _generic_dz
     for lo, hi in shard_bounds(h.shape[0], shards):
         x = h[lo:hi]
-        loss, dz = shard_dz(plan, mlp.linear(x, tensors, plan.head), targets[lo:hi], tensors, scale, want)
+        loss, dz = shard_dz(plan, linear.linear(x, tensors, plan.head), targets[lo:hi], tensors, scale, want)
         dtype = loss.dtype
         total = loss.double() if total is None else total.add_(loss.double())
         del loss
         if dz is None:
             continue
-        mlp.weight_grads(sums, needs[1:], tensors, plan.head, x, dz, fp32_sums)
+        linear.weight_grads(sums, needs[1:], tensors, plan.head, x, dz, fp32_sums)
         if grad_h is not None:  # a shard-sized temporary: under autocast dz is bf16 while h may be fp32
-            grad_h[lo:hi] = mlp.input_grad(dz, tensors, plan.head)
+            grad_h[lo:hi] = linear.input_grad(dz, tensors, plan.head)
         del dz
     assert total is not None and dtype is not None
     value = (total / denom if plan.reduction == "mean" else total).to(dtype)

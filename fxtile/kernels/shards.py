@@ -27,7 +27,7 @@ import torch
 from torch.func import vjp
 
 from ..passes.plans import BankPlan, LinearMLP
-from . import experts, mlp
+from . import experts, linear, mlp
 
 __all__ = ["FastPlan", "Run", "backward_autograd", "backward_fast", "backward_vjp", "forward", "forward_fast", "shard_bounds"]
 
@@ -105,7 +105,7 @@ def _store(i: int, g: Optional[torch.Tensor], lo: int, hi: int, n_rows: int, row
         else:
             row_grads[i][lo:hi] = g
     elif g is not None:
-        mlp.accumulate(sums, i, g, fp32)
+        linear.accumulate(sums, i, g, fp32)
 
 
 def backward_vjp(
@@ -159,7 +159,7 @@ def backward_autograd(
         if fp32 and leaf.dtype in (torch.float16, torch.bfloat16):
             def to_sum(p: torch.Tensor, i: int = i) -> None:
                 g, p.grad = p.grad, None
-                mlp.accumulate(sums, i, g, fp32=True)
+                linear.accumulate(sums, i, g, fp32=True)
             handles.append(leaf.register_post_accumulate_grad_hook(to_sum))
     try:
         with torch.enable_grad():
