@@ -28,12 +28,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .build import Built, TileState, bank_record, build_bank, record, tile_graph
+from .build import Built, TileState, bank_record, build_bank, record, signed, tile_graph
 from .passes.candidate import Rejection
 from .passes.experts import ExpertsMatch, looks_like_experts, match_experts
 from .passes.match import match_block
 from .passes.patterns import Pattern
-from .passes.specialize import ROOT, Binder, bound_signature, default_spec, probe_specs, trace_call
+from .passes.specialize import ROOT, Binder, bound_signature, default_spec, output_structures, probe_specs, trace_call
 from .passes.trace import trace
 from .percall import Entry, PerCall, per_call_forward
 from .policy import ShardPolicy
@@ -116,7 +116,8 @@ class TracedBlock(BlockKind):
     def build(self, planned, policy, verify, checked):
         gm, candidates = planned.payload
         matches, regions, skipped = tile_graph(planned.path, gm, candidates, policy, verify, planned.module, checked)
-        state = TileState(self.name, "forward", type(gm).forward, matches, regions, policy) if regions else None
+        function = signed(type(gm).forward, type(planned.module).forward)
+        state = TileState(self.name, "forward", function, matches, regions, policy) if regions else None
         return Built(state, skipped)
 
 
@@ -146,25 +147,23 @@ class PerCallBlock(BlockKind):
     def plan_function(self, module: nn.Module, ctx: Context, attr: str, function: Callable):
         """Plan the default call (required arguments as tensors); for a pattern that nests (a head and its
         loss, which only a call with targets computes), also the calls that pass one more optional argument
-        as a tensor. The submodules one call finds untraceable stay leaves for the next."""
+        as a tensor. Where no call gives a region and some did not trace, the calls are traced again with
+        their opaque submodules returning their real output types (``output_structures``: a MoE causal
+        LM's aux loss branches on the type of its decoder's output)."""
         specs = [default_spec(module, function)]
         if any(p.nests for p in ctx.patterns):
             specs += probe_specs(module, function)
-        specs = [s for s in specs if s is not None]
+        specs = [s[0] for s in specs if s is not None]  # (spec, inputs) pairs: the specs
         if not specs:
             return Declined("its forward takes no required argument")
-        results = []
-        leaves = ctx.leaves
-        with torch.enable_grad():  # planned for a training call
-            for spec, _ in specs:
-                results.append((spec, match_block(lambda leaves: trace_call(module, spec, leaves, function),
-                                                  leaves, ctx.patterns, lambda t: t.root, ROOT)))
-                if not isinstance(results[-1][1], str):
-                    if results[-1][1][1]:
-                        break  # the first call whose graph holds a region
-                    leaves = leaves | results[-1][1][0].leaves
-                elif len(results) > 1 and results[-2][1] == results[-1][1]:
-                    break  # two calls failed alike in the block's own code: the others would fail there too
+        structures: dict = {}
+        results = self._trace_calls(module, ctx, specs, function, structures)
+        failed = next((s for s, r in results if isinstance(r, str)), None)
+        if failed is not None and not any(not isinstance(r, str) and r[1] for _, r in results) \
+                and any(p.nests for p in ctx.patterns):
+            structures = output_structures(module, failed, function)
+            if structures:
+                results = self._trace_calls(module, ctx, specs, function, structures)
         traced_ok = [(s, r) for s, r in results if not isinstance(r, str)]
         spec, result = next(((s, r) for s, r in traced_ok if r[1]), None) or next(
             ((s, r) for s, r in traced_ok if r[2]), None) or results[0]
@@ -177,20 +176,41 @@ class PerCallBlock(BlockKind):
                 return Declined(f"traced per call: {first.reason}", refused=True, pattern=first.pattern)
             return Declined(f"traced per call, no region in its graph{_why_no_region(traced, results)}")
         matches = [record(ctx.path, c, attr, prefix=ROOT) for c in candidates]
-        return Planned(self, ctx.path, module, matches, (spec, traced, ctx.patterns, candidates), attr)
+        return Planned(self, ctx.path, module, matches, (spec, traced, ctx.patterns, candidates, structures), attr)
+
+    @staticmethod
+    def _trace_calls(module: nn.Module, ctx: Context, specs: list, function: Callable, structures: dict) -> list:
+        """Trace the calls in order until one's graph holds a region. The submodules one call finds
+        untraceable stay leaves for the next; two calls that fail alike in the block's own code end it
+        (the others would fail there too)."""
+        results = []
+        leaves = ctx.leaves
+        with torch.enable_grad():  # planned for a training call
+            for spec in specs:
+                results.append((spec, match_block(
+                    lambda leaves: trace_call(module, spec, leaves, function, structures), leaves, ctx.patterns,
+                    lambda t: t.root, ROOT)))
+                if not isinstance(results[-1][1], str):
+                    if results[-1][1][1]:
+                        break  # the first call whose graph holds a region
+                    leaves = leaves | results[-1][1][0].leaves
+                elif len(results) > 1 and results[-2][1] == results[-1][1]:
+                    break
+        return results
 
     def build(self, planned, policy, verify, checked):
         module, attr = planned.module, planned.attr
-        spec, traced, patterns, candidates = planned.payload
+        spec, traced, patterns, candidates, structures = planned.payload
         function = getattr(type(module), attr)
         matches, regions, skipped = tile_graph(planned.path, traced.graph_module, candidates, policy, verify,
                                                traced.root, checked, ROOT, attr)
         if not regions:
             return Built(None, skipped)
         per_call = PerCall(planned.path, attr, function, Binder.of(bound_signature(module, function)), traced.leaves,
-                           patterns, policy, verify, checked)
+                           patterns, policy, verify, checked, structures)
         per_call.cache[spec.key] = Entry(traced.graph_module, traced.root, traced.out_spec, regions)
-        return Built(TileState(self.name, attr, per_call_forward, matches, regions, policy, per_call, traced.root), skipped)
+        state = TileState(self.name, attr, signed(per_call_forward, function), matches, regions, policy, per_call, traced.root)
+        return Built(state, skipped)
 
 
 def _why_no_region(traced, results) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import types
 import warnings
 import weakref
 from dataclasses import dataclass, fields
@@ -40,7 +42,7 @@ from .selfcheck import Check, structure_key
 if TYPE_CHECKING:
     from .percall import PerCall
 
-__all__ = ["Built", "CHECK_REFUSALS", "STATE", "TileState", "bank_record", "build_bank", "record", "tile_graph"]
+__all__ = ["Built", "CHECK_REFUSALS", "signed", "STATE", "TileState", "bank_record", "build_bank", "record", "tile_graph"]
 
 STATE = "_fxtile"  # the instance attribute holding a tiled module's TileState
 
@@ -69,6 +71,18 @@ class TileState:
             "a model tiled by fxtile cannot be pickled (its regions live in this process); "
             "call fxtile.restore(model) first, or save its state_dict()"
         )
+
+
+def signed(function: Callable, original: Callable) -> Callable:
+    """``function`` as installed in place of ``original``: a copy of the function object (the same code, so no
+    extra frame for ``torch.compile`` to trace) that carries the original's name, docstring and, through
+    ``__wrapped__``, its signature, so that anything that reads the forward (Hugging Face ``Trainer``'s
+    column filter, TRL, accelerate, PEFT) sees the original. One copy per tiled block."""
+    copy_ = types.FunctionType(function.__code__, function.__globals__, original.__name__, function.__defaults__,
+                               function.__closure__)
+    copy_.__kwdefaults__ = function.__kwdefaults__
+    functools.update_wrapper(copy_, original)  # __wrapped__, __doc__, __name__, __qualname__, __module__
+    return copy_
 
 
 @dataclass
@@ -144,10 +158,7 @@ def check_and_profile(tiled: TiledRegion, root: nn.Module, verify: bool, checked
         found = memory.profile(tiled.region, tensors, modes) if check.passed is not False else "not profiled"
         checked[key] = (check, found)
     check, found = checked[key]
-    if isinstance(found, str):
-        tiled.region.profile, tiled.region.profile_note = None, found
-    else:
-        tiled.region.profile, tiled.region.profile_note = found, "profiled"
+    tiled.set_profile(None, found) if isinstance(found, str) else tiled.set_profile(found, "profiled")
     return check
 
 
@@ -221,5 +232,6 @@ def build_bank(path: str, module: nn.Module, bank: ExpertsMatch, policy: ShardPo
     if check.passed is False:
         return Built(None, [Skipped(path, Why.SELF_CHECK, f"expert bank: {check.detail}", "routed_experts")])
     gm = experts_forward(module, bank, tiled)
-    return Built(TileState("experts", "forward", type(gm).forward, [bank_record(path, bank, policy, check, tiled)],
+    return Built(TileState("experts", "forward", signed(type(gm).forward, type(module).forward),
+                           [bank_record(path, bank, policy, check, tiled)],
                            [tiled], policy), [])

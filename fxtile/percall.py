@@ -75,6 +75,7 @@ class PerCall:
     policy: ShardPolicy
     verify: bool
     checked: dict = field(default_factory=dict)  # self-check verdicts and profiles by structure (see tile_graph)
+    structures: dict = field(default_factory=dict)  # opaque submodules' output types (see output_structures)
     cache: _SpecCache = field(default_factory=_SpecCache)
     untiled_calls: int = 0
     warned: bool = False
@@ -96,7 +97,7 @@ class PerCall:
         return found
 
     def _build(self, module: nn.Module, spec: CallSpec) -> Union[Entry, _Untiled]:
-        result = match_block(lambda leaves: trace_call(module, spec, leaves, self.original), self.leaves,
+        result = match_block(lambda leaves: trace_call(module, spec, leaves, self.original, self.structures), self.leaves,
                              self.patterns, lambda t: t.root, ROOT)
         if isinstance(result, str):
             return _Untiled(result)

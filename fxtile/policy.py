@@ -15,11 +15,11 @@ it. Where fp32 sums would eat much of the saving, the gradients sum in the weigh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["ACCUMULATE", "CallPlan", "MemoryProfile", "ShardPolicy", "as_policy"]
+__all__ = ["ACCUMULATE", "CallPlan", "MemoryProfile", "ShardPolicy", "Thresholds", "as_policy"]
 
 ACCUMULATE = ("auto", "fp32", "param")
 
@@ -140,8 +140,44 @@ class ShardPolicy:
             return CallPlan(1, True)  # tiling would not lower this call's peak: run it untiled
         return CallPlan(shards, fp32)
 
+    def thresholds(self, count: Callable[[int], int], profile: Optional[MemoryProfile],
+                   limit: int = 1 << 26) -> "Thresholds":
+        """Where :meth:`plan`'s answer changes, for a region whose rules give ``count(rows)`` shards: from how
+        many rows a call runs tiled, and from how many its sums are fp32. Both are thresholds because the
+        saving grows with the rows while the workspace does not; found once, on plain ints (doubling, then
+        bisecting), so a call compares its rows with two numbers (under ``torch.compile`` with symbolic
+        sizes: at most one guard each, not one per length)."""
+        def first(holds: Callable[[int], bool]) -> Optional[int]:
+            rows, below = 2, 1
+            while rows <= limit and not holds(rows):
+                below, rows = rows, rows * 2
+            if rows > limit:
+                return None
+            while rows - below > 1:
+                mid = (rows + below) // 2
+                below, rows = (below, mid) if holds(mid) else (mid, rows)
+            return rows
+
+        tiled_from = first(lambda rows: self.plan(rows, int(count(rows)), profile).shards > 1)
+        fp32_from = first(lambda rows: (p := self.plan(rows, int(count(rows)), profile)).shards > 1 and p.fp32_sums)
+        return Thresholds(tiled_from, fp32_from)
+
     def describe(self) -> str:
         return str(self.shards) if self.shards is not None else "auto"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A region's :meth:`ShardPolicy.thresholds`: the rows from which a call runs tiled, and from which its
+    weight-gradient sums are fp32 (None: never, within the search's limit)."""
+
+    tiled_from: Optional[int]
+    fp32_from: Optional[int]
+
+    def plan(self, rows: int, shards: int) -> CallPlan:
+        if self.tiled_from is None or rows < self.tiled_from:
+            return CallPlan(1, True)
+        return CallPlan(shards, self.fp32_from is not None and rows >= self.fp32_from)
 
 
 def as_policy(shards: object) -> ShardPolicy:

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from . import op
 from .passes.cut import RegionSpec
 from .passes.plans import LossPlan
-from .policy import CallPlan, MemoryProfile, ShardPolicy
+from .policy import CallPlan, MemoryProfile, ShardPolicy, Thresholds
 
 __all__ = ["Region", "TiledLoss", "TiledRegion", "python_state", "tiled"]
 
@@ -107,6 +107,7 @@ class TiledRegion:
     def __init__(self, region: Region, policy: ShardPolicy) -> None:
         self.region, self.policy = region, policy
         self._tiled_states = tuple(python_state(region.template.get_submodule(p)) for p in region.module_paths)
+        self.thresholds: Optional[Thresholds] = None  # set with the region's profile (set_profile)
         self.__name__ = self.__qualname__ = region.label  # the generated forward calls it fxtile_<label>
         self.__module__ = "fxtile"
 
@@ -134,24 +135,27 @@ class TiledRegion:
         """The shard count the rules give ``rows`` rows, before the memory check of :meth:`call_plan`."""
         return self.policy.count(rows, self.region.hidden_size, self.region.width)
 
-    def tiled_from(self, limit: int = 1 << 26) -> Optional[int]:
-        """About the smallest number of rows at which a call runs tiled (below it, one untiled call costs
-        less memory or the rules ask for one shard); None if no call up to ``limit`` rows does. Found by
-        doubling, then bisecting (the saving grows with the rows)."""
-        rows, below = 2, 1
-        while rows <= limit and self.call_plan(rows).shards <= 1:
-            below, rows = rows, rows * 2
-        if rows > limit:
-            return None
-        while rows - below > 1:
-            mid = (rows + below) // 2
-            below, rows = (below, mid) if self.call_plan(mid).shards > 1 else (mid, rows)
-        return rows
+    def set_profile(self, profile: Optional[MemoryProfile], note: str) -> None:
+        """The region's memory profile (None: not profiled, ``note`` says why), and the thresholds a call's plan
+        is read from."""
+        self.region.profile, self.region.profile_note = profile, note
+        self.thresholds = self.policy.thresholds(self.shards_for, profile) if profile is not None else None
+
+    def tiled_from(self) -> Optional[int]:
+        """About the smallest number of rows at which a call runs tiled (below it, one untiled call costs less
+        memory or the rules ask for one shard); None if no call does (within 2**26 rows)."""
+        if self.thresholds is not None:
+            return self.thresholds.tiled_from
+        return next((rows for rows in (2 ** k for k in range(1, 27)) if self.call_plan(rows).shards > 1), None)
 
     def call_plan(self, rows: int) -> CallPlan:
         """How a call over ``rows`` rows runs: the rules' shard count, or untiled where the region's memory
         profile says tiling would not lower its peak, and the precision of the weight-gradient sums."""
-        return self.policy.plan(rows, self.shards_for(rows), self.region.profile)
+        shards = self.shards_for(rows)
+        if self.thresholds is None or self.policy.shards is not None:
+            return CallPlan(shards, self.policy.accumulate != "param")
+        plan = self.thresholds.plan(rows, shards)
+        return plan if self.policy.accumulate == "auto" or plan.shards == 1 else CallPlan(shards, self.policy.accumulate == "fp32")
 
     def _check_modules(self, modules: Sequence[nn.Module]) -> None:
         """The op runs a copy of the region's structure taken at transform time: refuse to run it if a

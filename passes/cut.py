@@ -100,16 +100,28 @@ def region_inputs(region: fx.GraphModule) -> tuple[tuple[str, ...], tuple[str, .
     return tuple(dict.fromkeys(modules)), tuple(dict.fromkeys(tensors))
 
 
+_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None), tuple, frozenset, torch.dtype, torch.device)
+
+
 def meta_template(module: nn.Module, tensor_paths: Sequence[str]) -> nn.Module:
-    """A copy of ``module`` whose tensors live on the meta device and which carries no hooks.
+    """A copy of ``module`` whose tensors live on the meta device and which carries no hooks, but shares the
+    live modules' mutable state.
 
     Hooks belong to the live modules (DeepSpeed ZeRO-3, FSDP, accelerate offload, user hooks): a
-    template copy must never run them per shard.
+    template copy must never run them per shard. State objects a module's forward updates are the live
+    module's own: bitsandbytes' ``Linear8bitLt`` moves its int8 scales from the weight into ``self.state`` on
+    its first call, and its ``state_dict`` reads them there; a template with a copy of ``state`` would take
+    them off the live weight into the copy, and the live model's checkpoint would lose them. So every
+    public attribute holding a mutable object (not a tensor, module or hook table) is shared, not copied.
     """
-    memo: dict[int, torch.Tensor] = {}
+    memo: dict[int, object] = {}
     for path in tensor_paths:
         value = get_path(module, path)
         memo[id(value)] = torch.empty_like(value, device="meta")
+    for sub in module.modules():
+        for name, value in vars(sub).items():
+            if not name.startswith("_") and not isinstance(value, (torch.Tensor, nn.Module, *_IMMUTABLE)):
+                memo[id(value)] = value
     template = copy.deepcopy(module, memo)
     if isinstance(template, fx.GraphModule):
         forget_source_when_freed(template)

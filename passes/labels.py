@@ -28,7 +28,7 @@ from .pointwise import is_metadata, is_pointwise, is_row_norm, static_operand_ok
 from .trace import get_path, is_linear_like, linear_dims, module_stack
 
 __all__ = ["INNER", "JOIN", "LINEAR", "Labels", "OTHER", "PART", "POINTWISE", "SPLIT", "STATIC", "is_activation",
-           "label", "projection_dims", "projection_name"]
+           "label", "matmul_weight", "projection_dims", "projection_name"]
 
 LINEAR, JOIN, PART, OTHER = "linear", "join", "part", "other"
 POINTWISE, SPLIT, STATIC, INNER = "pointwise", "split", "static", "inner"
@@ -120,10 +120,35 @@ def label(gm: fx.GraphModule) -> Labels:
     return labels
 
 
+_MATMUL_TARGETS = {operator.matmul, torch.matmul, torch.mm, "matmul", "mm", "__matmul__"}
+
+
+def matmul_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, bool] | None:
+    """For ``x @ W.T`` (``torch.matmul(x, W.t())``, ``x.mm(W.transpose(0, 1))``) or ``x @ W`` with ``W`` a 2-D
+    parameter: ``(W's get_attr node, stored [in, out])``, a projection written as a matmul (Cut
+    Cross-Entropy's reference head); else None."""
+    if node.op not in ("call_function", "call_method") or node.target not in _MATMUL_TARGETS:
+        return None
+    if len(node.args) != 2 or node.kwargs or not isinstance(node.args[1], fx.Node):
+        return None
+    w, view = node.args[1], False
+    if w.op != "get_attr":
+        t = w.target
+        if (t is getattr and w.args[1:] in (("T",), ("mT",))) or t in ("t", torch.t) and len(w.args) == 1 or (
+                t in ("transpose", torch.transpose) and set(w.args[1:]) in ({0, 1}, {-1, -2})):
+            w, view = w.args[0], True
+        else:
+            return None
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return None
+    value = get_path(gm, str(w.target))
+    return (w, not view) if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+
+
 def _classify(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], labels: Labels) -> str:
     if len(inputs) == 1 and node.args and node.args[0] is inputs[0]:
         if (node.op == "call_module" and is_linear_like(gm.get_submodule(str(node.target)))) or (
-                node.op == "call_function" and node.target is F.linear):
+                node.op == "call_function" and node.target is F.linear) or matmul_weight(gm, node) is not None:
             labels.proj_input[node] = inputs[0]
             return LINEAR
         if _is_last_dim_split(node):
@@ -209,6 +234,9 @@ def _linear_sum(gm: fx.GraphModule, labels: Labels, node: fx.Node, sides: list[f
 def _leaf_dims(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
     if node.op == "call_module":
         return linear_dims(gm.get_submodule(str(node.target)))
+    if (found := matmul_weight(gm, node)) is not None:
+        weight = get_path(gm, str(found[0].target))
+        return (int(weight.shape[0]), int(weight.shape[1])) if found[1] else (int(weight.shape[1]), int(weight.shape[0]))
     weight = get_path(gm, str(_arg(node, 1, "weight", None).target))
     return int(weight.shape[1]), int(weight.shape[0])
 
@@ -233,5 +261,6 @@ def projection_name(gm: fx.GraphModule, labels: Labels, node: fx.Node) -> str:
         return projection_name(gm, labels, node)
     if node.op == "call_module":
         return str(node.target)
-    target = str(_arg(node, 1, "weight", None).target)
+    found = matmul_weight(gm, node)
+    target = str(found[0].target) if found is not None else str(_arg(node, 1, "weight", None).target)
     return target.rsplit(".", 1)[0] if "." in target else target

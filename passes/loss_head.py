@@ -19,11 +19,11 @@ from torch import nn
 
 from .candidate import Candidate, Rejection
 from .cut import ProbeInput
-from .labels import LINEAR, POINTWISE, projection_dims, projection_name
+from .labels import LINEAR, POINTWISE, matmul_weight, projection_dims, projection_name
 from .patterns import Pattern, describe_activation, pattern_graph
 from .plans import LossPlan, proj_of
 from .pointwise import CAST_TARGETS, is_metadata, is_random
-from .trace import graph_module, is_linear_like
+from .trace import graph_module, is_linear_like, linear_dims
 
 __all__ = ["LINEAR_CROSS_ENTROPY", "LOSS_PATTERNS", "LinearCrossEntropy", "loss_plan"]
 
@@ -84,6 +84,7 @@ class LinearCrossEntropy(Pattern):
     name = "linear_cross_entropy"
     graph = pattern_graph([], {})
     width_name = "vocab_size"  # what the region's width is, in the public record
+    priority = 1  # its logits are vocabulary-wide: where an MLP pattern claims the head too, the head wins
     absent = "loss=True found no head and loss to tile; this block could compute one but was not traced"
     nests = True  # the head sits in a model whose blocks are already tiled (they stay opaque)
     min_projections = 1
@@ -97,9 +98,15 @@ class LinearCrossEntropy(Pattern):
 
     def could_hold(self, module: nn.Module) -> bool:
         """The head is the module's own: a linear child (any class holding a matrix: Megatron's parallel
-        linears too), a tied embedding it reads, or a raw weight."""
-        return any(is_linear_like(c) or isinstance(c, nn.Embedding) or any(p.dim() == 2 for p in c.parameters(recurse=False))
-                   for c in module.children()) or any(p.dim() == 2 for p in module.parameters(recurse=False))
+        linears too), a tied embedding it reads, a raw weight, or a linear layer further below whose output
+        width is the vocabulary of an embedding in the same module (BERT's ``cls.predictions.decoder``,
+        under a dense + activation + norm transform). Not any linear below: every decoder layer holds some,
+        and none computes a loss."""
+        if any(is_linear_like(c) or isinstance(c, nn.Embedding) or any(p.dim() == 2 for p in c.parameters(recurse=False))
+               for c in module.children()) or any(p.dim() == 2 for p in module.parameters(recurse=False)):
+            return True
+        vocabularies = {m.num_embeddings for m in module.modules() if isinstance(m, nn.Embedding)}
+        return bool(vocabularies) and any(is_linear_like(m) and linear_dims(m)[1] in vocabularies for m in module.modules())
 
     def instances(self, gm, labels, abstract):
         for node in gm.graph.nodes:
@@ -124,16 +131,22 @@ class LinearCrossEntropy(Pattern):
                                            "row-wise step (casts, element-wise ops and view(-1, V) are)")
         head = node
         ids = (head.name, *(n.name for n in reversed(steps)), loss.name)
+        weights = [*head.args[1:], *head.kwargs.values()]  # F.linear's weight and bias (None: no bias)
         plain = (head.op == "call_module" and type(gm.get_submodule(str(head.target))) is nn.Linear) or (
-            head.op == "call_function" and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in head.args[1:]))
+            head.op == "call_function" and head.target is F.linear and weights[:1] and all(
+                a is None or (isinstance(a, fx.Node) and a.op == "get_attr") for a in weights)) or (
+            matmul_weight(gm, head) is not None)
         if head in labels.inner or not plain:
-            return Rejection(ids, f"the projection {head.name} is not a plain nn.Linear or F.linear (an adapter or a "
+            return Rejection(ids, f"the projection {head.name} is not a plain nn.Linear, F.linear or matmul (an adapter or a "
                                   "custom layer on the output head), so the loss kernel cannot compute its logits")
         statics = [a.name for n in steps for a in n.all_input_nodes if a.op == "get_attr"]
         if statics:
             return Rejection(ids, f"the steps between the logits and the loss read parameters ({', '.join(statics)})")
         region = {head, loss, *steps}
-        metadata = {u for n in region for u in n.users if is_metadata(u)}
+        metadata, frontier = set(), set(region)
+        while frontier:  # x.shape, then x.shape[-1]: metadata of metadata
+            frontier = {u for n in frontier for u in n.users if is_metadata(u) and u not in metadata}
+            metadata |= frontier
         rebind = tuple(m for m in metadata if m.args[1:] == ("device",) and any(u not in region | metadata for u in m.users))
         region |= metadata
         escapes = []
@@ -179,7 +192,7 @@ def loss_plan(template: fx.GraphModule, cand: Candidate, names: dict[str, str], 
     by_name = {n.name: n for n in template.graph.nodes}
     head, loss = (by_name[names[cand.role_nodes[k].name]] for k in ("head", "loss"))
     proj = proj_of(template, head, index)
-    assert proj is not None and not proj.transposed, "the pattern admits plain nn.Linear / F.linear heads only"
+    assert proj is not None, "the pattern admits plain nn.Linear, F.linear and matmul heads only"
     order = {n: i for i, n in enumerate(template.graph.nodes)}
     ce_input = loss.args[0] if loss.args else loss.kwargs["input"]
     steps = [n for n in template.graph.nodes if n.op not in ("placeholder", "output", "get_attr")

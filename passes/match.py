@@ -9,8 +9,9 @@ How (in named steps, like ``torch.fx``'s ``SubgraphMatcher``):
 3. **Filters**, a list of functions run in order, each returning the reason it rejects or ``None``:
    nothing inside may be used outside the region (so one call can replace it, and no cycle can appear
    once fused), the input's rows must be tokens (no transpose on the way in), no module inside may hold
-   buffers (a recompute would update them twice), and candidates must not overlap (graph order, larger
-   first). Every rejection is returned with its reason.
+   buffers (a recompute would update them twice), and candidates must not overlap: where two claim the
+   same nodes, the pattern of higher priority wins (the loss head over an MLP pattern that would take its
+   projection: it saves more), then graph order, larger first. Every rejection is returned with its reason.
 
 Pure: the graph is never modified.
 """
@@ -59,8 +60,8 @@ def _abstract_graph(labels: Labels) -> nx.DiGraph:
 def not_contained(gm: fx.GraphModule, cand: Candidate, accepted: list[Candidate]) -> str | None:
     inside = set(cand.nodes)
     escaping = set(cand.escapes)
-    for node in cand.nodes[:-1]:
-        if node in cand.rebind:  # x.device of an inside value: re-read from the region's input
+    for node in cand.nodes:
+        if node is cand.exit or node in cand.rebind:  # x.device of an inside value: re-read from the input
             continue
         outside = [u.name for u in node.users if u not in inside and not (node in escaping and u.op == "output")]
         if outside:
@@ -119,13 +120,13 @@ def find_candidates(
             elif cut is not None:
                 rejected.append(dataclasses.replace(cut, pattern=pattern.name))
     accepted: list[Candidate] = []
-    for cand in sorted(found, key=lambda c: (labels.order[c.exit], -len(c.nodes))):
+    for cand in sorted(found, key=lambda c: (-c.kind.priority, labels.order[c.exit], -len(c.nodes))):
         reason = next((r for f in FILTERS if (r := f(gm, cand, accepted))), None)
         if reason is None:
             accepted.append(cand)
         else:
             rejected.append(Rejection(tuple(n.name for n in cand.nodes), reason, cand.pattern))
-    return accepted, rejected
+    return sorted(accepted, key=lambda c: labels.order[c.exit]), rejected
 
 
 def match_block(

@@ -70,6 +70,7 @@ class Pattern:
     name: str
     graph: nx.DiGraph
     width_name = "intermediate_size"  # what the region's width is, in the public record
+    priority = 0  # where two regions claim the same nodes, the higher priority wins (the one that saves more)
     absent = ""  # a nesting pattern's report when no block holding it could be traced: what was not found
     nests = False
     min_projections = 2
@@ -127,6 +128,10 @@ class Plain(Pattern):
         act_nodes = labels.folded_between(labels.proj_input[fc2])
         if not any(is_activation(gm, n) for n in act_nodes):
             return Rejection(ids, "no activation between the two projections (two linears in a row, not an MLP)")
+        (_, inner), (_, out) = projection_dims(gm, labels, fc1), projection_dims(gm, labels, fc2)
+        if out > inner:  # BERT's head transform then decoder: H -> H -> vocabulary
+            return Rejection(ids, f"its second projection widens ({inner} -> {out}) instead of contracting back: "
+                                  "a projection after a transform (an output head), not an MLP")
         roles = {"fc1": projection_name(gm, labels, fc1), "fc2": projection_name(gm, labels, fc2)}
         return self._candidate(gm, labels, [fc1], fc2, act_nodes, roles, {"fc1": fc1, "fc2": fc2}, act_nodes,
                                projection_dims(gm, labels, fc1))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .candidate import Candidate
-from .labels import MUL_TARGETS, SPLIT_TARGETS
+from .labels import MUL_TARGETS, SPLIT_TARGETS, matmul_weight
 from .pointwise import is_pointwise, is_random
 from .trace import conv1d_type, get_path, graph_module
 
@@ -87,8 +87,8 @@ class BankPlan:
 
 
 def proj_of(region: fx.GraphModule, node: fx.Node, index: dict[str, int]) -> Optional[Proj]:
-    """A plain projection reading the region's input: ``nn.Linear``, ``Conv1D`` (exact types) or
-    ``F.linear`` on parameters."""
+    """A plain projection reading the region's input: ``nn.Linear``, ``Conv1D`` (exact types), ``F.linear``
+    on parameters, or a matmul with a 2-D parameter (``x @ W.T``)."""
     if node.op == "call_module":
         module = region.get_submodule(str(node.target))
         conv1d = conv1d_type()
@@ -96,6 +96,8 @@ def proj_of(region: fx.GraphModule, node: fx.Node, index: dict[str, int]) -> Opt
             bias = index.get(f"{node.target}.bias") if module.bias is not None else None
             return Proj(index[f"{node.target}.weight"], bias, type(module) is not nn.Linear)
         return None
+    if (found := matmul_weight(region, node)) is not None:  # x @ W.T, or x @ W stored [in, out]
+        return Proj(index[str(found[0].target)], None, found[1])
     if node.op == "call_function" and node.target is F.linear:
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

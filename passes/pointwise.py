@@ -104,10 +104,16 @@ def is_row_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def is_metadata(node: fx.Node) -> bool:
-    """``x.dtype`` / ``x.device`` / ``x.size(-1)``: a value about a tensor, not computed from its rows
-    (the last dim is the features; a row count would change from shard to shard, so it is not one)."""
+    """``x.dtype`` / ``x.device`` / ``x.size(-1)`` / ``x.shape[-1]``: a value about a tensor, not computed from
+    its rows (the last dim is the features; a row count would change from shard to shard, so it is not one).
+    ``x.shape`` counts as metadata where it is only ever indexed by ``-1``."""
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        if node.args[1] == "shape":
+            return bool(node.users) and all(is_metadata(u) for u in node.users)
         return node.args[1] in _METADATA_ATTRS
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        return source.target is getattr and source.args[1:] == ("shape",) and node.args[1] == -1
     if node.op == "call_method" and node.target == "size":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return dim == -1

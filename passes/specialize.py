@@ -27,18 +27,19 @@ import enum
 import inspect
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Hashable
+from typing import Any, Callable, Collection, Hashable, Mapping
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .modes import modes_of
+from .modes import modes_of, preserved_modes
 
 from .trace import LeafTracer, first_line, graph_module
 
-__all__ = ["Binder", "CallSpec", "ROOT", "Traced", "bound_signature", "call_spec", "default_spec", "probe_specs", "trace_call"]
+__all__ = ["Binder", "CallSpec", "ROOT", "Traced", "bound_signature", "call_spec", "default_spec", "output_structures",
+           "probe_specs", "trace_call"]
 
 _MAX_LEAVES = 8
 _ATOMS = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
@@ -52,6 +53,7 @@ class CallSpec:
     key: Hashable
     layout: tuple  # per bound argument: (name, kind, structure)
     objects: tuple[tuple[int, type], ...]  # (input index, type) of every object input
+    device_type: str = "cpu"  # of the call's tensors: code may branch on it (``x.device.type == "cpu"``)
 
 
 def _leaf_layout(value: Any, inputs: list, objects: list) -> Any:
@@ -127,12 +129,19 @@ def call_spec(binder: Binder, module: nn.Module, args: tuple, kwargs: dict) -> t
         layout.append((name, tag, sub))
     layout_t = tuple(layout)
     try:
-        key = (modes_of(module), torch.is_grad_enabled(), layout_t)
+        device_type = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
+        key = (modes_of(module), torch.is_grad_enabled(), device_type, layout_t)
         if not torch.compiler.is_compiling():  # dynamo (torch 2.11) cannot trace hash() of a tuple
             hash(key)
     except TypeError:
         return "an argument holds an unhashable constant"
-    return CallSpec(key, layout_t, tuple(objects)), inputs
+    return CallSpec(key, layout_t, tuple(objects), device_type), inputs
+
+
+def _placeholder(module: nn.Module) -> torch.Tensor:
+    """A stand-in tensor for a planned call, on the module's device (the call's key holds its device type)."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    return torch.empty(0, device="cpu" if device.type == "meta" else device)
 
 
 def bound_signature(module: nn.Module, forward: Callable | None = None) -> inspect.Signature:
@@ -150,7 +159,7 @@ def default_spec(module: nn.Module, forward: Callable | None = None) -> tuple[Ca
     if not required:
         return None
     with torch.enable_grad():
-        found = call_spec(Binder.of(signature), module, tuple(torch.empty(0) for _ in required), {})
+        found = call_spec(Binder.of(signature), module, tuple(_placeholder(module) for _ in required), {})
     return None if isinstance(found, str) else found
 
 
@@ -163,14 +172,14 @@ def probe_specs(module: nn.Module, forward: Callable | None = None) -> list[tupl
     required = [p for p in params if p.default is inspect.Parameter.empty]
     if any(p.kind is p.KEYWORD_ONLY for p in required):
         return []
-    args = tuple(torch.empty(0) for p in required if p.kind is not p.KEYWORD_ONLY)
-    base = {} if required or not params else {params[0].name: torch.empty(0)}
+    args = tuple(_placeholder(module) for p in required if p.kind is not p.KEYWORD_ONLY)
+    base = {} if required or not params else {params[0].name: _placeholder(module)}
     specs, binder = [], Binder.of(signature)
     with torch.enable_grad():
         for p in params:
             if p.default is not None or p.name in base or p.kind is p.POSITIONAL_ONLY:
                 continue
-            found = call_spec(binder, module, args, {**base, p.name: torch.empty(0)})
+            found = call_spec(binder, module, args, {**base, p.name: _placeholder(module)})
             if not isinstance(found, str):
                 specs.append(found)
     return specs
@@ -240,24 +249,90 @@ class _ObjectProxy(fx.Proxy):
         return self.__dict__["_fxtile_cls"]
 
 
+class _DeviceAttribute(fx.proxy.Attribute):
+    """``x.device`` while tracing: its ``type`` is the call's device type (part of the call's key), so code
+    that branches on it (``if x.device.type == "cpu"``) takes the branch the call takes; the device itself
+    stays symbolic (its index, a ``device=`` argument)."""
+
+    def __init__(self, root: fx.Proxy, device_type: str) -> None:
+        super().__init__(root, "device")
+        self.__dict__["_fxtile_device_type"] = device_type
+
+    @property
+    def type(self) -> str:
+        return self.__dict__["_fxtile_device_type"]
+
+
+class _CallProxy(fx.Proxy):
+    """The proxies of a per-call trace: ``.device`` answers with the call's device type (``_DeviceAttribute``)."""
+
+    def __getattr__(self, k: str):
+        if k == "device":
+            return _DeviceAttribute(self, self.tracer.device_type)
+        return super().__getattr__(k)
+
+
 class _LeafOnFailure(LeafTracer):
-    def __init__(self, leaves: Collection[nn.Module], objects: dict[str, type]) -> None:
+    def __init__(self, leaves: Collection[nn.Module], objects: dict[str, type],
+                 structures: Mapping[nn.Module, pytree.TreeSpec], device_type: str = "cpu") -> None:
         super().__init__(leaves)
         self.objects = objects
+        self.structures = structures
+        self.device_type = device_type
         self.failed: str | None = None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         if node.op == "placeholder" and node.target in self.objects:
             return _ObjectProxy(node, self, self.objects[node.target])
-        return super().proxy(node)
+        return _CallProxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed is None:  # the innermost module whose code failed
                 self.failed = self.path_of_module(m)
             raise
+        tree = self.structures.get(m)
+        if tree is None or not isinstance(out, fx.Proxy):
+            return out
+        flat = self.create_proxy("call_function", pytree.tree_leaves, (out,), {})
+        try:  # the leaf's real output type, holding one proxy per leaf of it
+            return pytree.tree_unflatten([flat[i] for i in range(tree.num_leaves)], tree)
+        except Exception:  # noqa: BLE001 - a type that will not hold proxies: the plain proxy, as before
+            return out
+
+
+def output_structures(module: nn.Module, spec: CallSpec, forward: Callable | None = None) -> dict[nn.Module, pytree.TreeSpec]:
+    """The structure of every submodule's output that is not one tensor (a transformers ``ModelOutput``, a
+    tuple), learned from one tiny concrete call of ``module`` as ``spec`` says (each tensor input a
+    ``1 x 2`` block of zero indices, as token ids and labels are; no gradients; on its parameters' device,
+    the meta device included). Why: a submodule kept opaque returns one proxy, so code that branches on
+    its output's type (``isinstance(outputs.router_logits, tuple)`` in a MoE causal LM's aux loss) takes
+    the wrong branch or fails; given these, the opaque call returns its real output type holding proxies.
+    Empty where the call does not run (inputs that are not token ids, an object input such as a cache)."""
+    if spec.objects:
+        return {}
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    count = sum(_count(sub) if kind != "**" else sum(_count(s) for _, s in sub) for _, kind, sub in spec.layout)
+    root = _root_type(count)(module, forward or type(module).forward, spec.layout)
+    found: dict[nn.Module, pytree.TreeSpec] = {}
+
+    def record(m: nn.Module, args, out) -> None:
+        leaves, tree = pytree.tree_flatten(out)
+        if not isinstance(out, torch.Tensor) and sum(isinstance(v, torch.Tensor) for v in leaves) >= 2:
+            found[m] = tree
+
+    handles = [m.register_forward_hook(record) for m in module.modules() if m is not module]
+    try:
+        with torch.no_grad(), preserved_modes(module), torch.random.fork_rng(devices=[]):
+            root.call(tuple(torch.zeros((1, 2), dtype=torch.long, device=device) for _ in range(count)))
+    except Exception:  # noqa: BLE001 - a call these inputs do not fit: no structures, tracing as before
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 @dataclass
@@ -282,9 +357,11 @@ def _objects_stay_opaque(gm: fx.GraphModule, objects: dict[str, type]) -> str | 
 
 
 def trace_call(
-    module: nn.Module, spec: CallSpec, leaves: Collection[nn.Module] = (), forward: Callable | None = None
+    module: nn.Module, spec: CallSpec, leaves: Collection[nn.Module] = (), forward: Callable | None = None,
+    structures: Mapping[nn.Module, pytree.TreeSpec] | None = None,
 ) -> Traced | str:
-    """The graph of ``module`` called as ``spec`` says (inputs: its tensors and objects in order), or why not."""
+    """The graph of ``module`` called as ``spec`` says (inputs: its tensors and objects in order), or why not.
+    ``structures``: the output types of opaque submodules (:func:`output_structures`)."""
     forward = forward or type(module).forward
     count = sum(_count(sub) if kind != "**" else sum(_count(s) for _, s in sub) for _, kind, sub in spec.layout)
     root = _root_type(count)(module, forward, spec.layout)
@@ -292,7 +369,7 @@ def trace_call(
     kept = set(leaves)
     reason = "not traced"
     for _ in range(_MAX_LEAVES + 1):
-        tracer = _LeafOnFailure(kept, objects)
+        tracer = _LeafOnFailure(kept, objects, structures or {}, spec.device_type)
         try:
             graph = tracer.trace(root)
         except Exception as exc:  # noqa: BLE001 - retried with a leaf, or reported

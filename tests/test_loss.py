@@ -181,11 +181,14 @@ class HandLM(nn.Module):
     """Embedding, one tiled MLP block, a head, and the loss written by hand."""
 
     def __init__(self, loss_kwargs=None, module_loss=False, softcap=None, returns_logits=True, tied=False,
-                 loss_built_in_forward=False):
+                 loss_built_in_forward=False, head_form="module"):
         super().__init__()
         self.embed = nn.Embedding(V, 16)
         self.block = M.Odd(16, 48)
         self.head = nn.Linear(16, V, bias=True)
+        self.head_form = head_form
+        if head_form == "matmul_in_out":  # a head stored [in, out]: logits = h @ W
+            self.w_in_out = nn.Parameter(torch.randn(16, V) * 0.2)
         if tied:
             self.head = None
         self.loss_kwargs = dict(loss_kwargs or {})
@@ -198,7 +201,16 @@ class HandLM(nn.Module):
 
     def forward(self, ids, y):
         h = self.block(self.embed(ids))
-        logits = self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
+        if self.head_form == "f_linear_bias_none":
+            logits = F.linear(h, self.head.weight, None)
+        elif self.head_form == "matmul_T":  # Cut Cross-Entropy's reference head
+            logits = h @ self.head.weight.T
+        elif self.head_form == "torch_matmul_t":
+            logits = torch.matmul(h, self.head.weight.t())
+        elif self.head_form == "matmul_in_out":
+            logits = h @ self.w_in_out
+        else:
+            logits = self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         flat = logits.float().view(-1, logits.size(-1))
@@ -225,6 +237,10 @@ LOSS_CASES = {
     "softcap": dict(softcap=2.0),
     "tied_f_linear": dict(tied=True),
     "loss_only": dict(returns_logits=False),
+    "f_linear_bias_none": dict(head_form="f_linear_bias_none"),
+    "matmul_T": dict(head_form="matmul_T"),
+    "torch_matmul_t": dict(head_form="torch_matmul_t"),
+    "matmul_in_out": dict(head_form="matmul_in_out"),
 }
 
 
@@ -251,6 +267,35 @@ def test_hand_written_losses_are_tiled_exactly(case):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+class ChainLM(nn.Module):
+    """``emb -> tanh(Linear(H, H)) -> Linear(H, V) -> .float() -> cross_entropy``: the plain-MLP pattern would take
+    the first Linear, the tanh and the head as one "MLP"; the head is claimed by the pattern that saves more."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.dense, self.head = nn.Embedding(V, 16), nn.Linear(16, 16), nn.Linear(16, V)
+
+    def forward(self, ids, y):
+        logits = self.head(torch.tanh(self.dense(self.embed(ids))))
+        return F.cross_entropy(logits.float().view(-1, V), y.view(-1))
+
+
+def test_a_chain_that_looks_like_an_mlp_ending_in_the_head_tiles_the_head():
+    torch.manual_seed(0)
+    model = ChainLM()
+    tiled = fxtile.transform(copy.deepcopy(model), shards=3, loss=True)
+    assert [m.pattern for m in fxtile.find(tiled, loss=True)] == ["linear_cross_entropy"]
+    ids, y = torch.randint(0, V, (2, 9)), torch.randint(0, V, (2, 9))
+    ref, got = model(ids, y), tiled(ids, y)
+    torch.testing.assert_close(got, ref)
+    ref.backward()
+    before = fxtile.testing.shard_counts(tiled)[""].forward_shards
+    got.backward()
+    assert fxtile.testing.shard_counts(tiled)[""].forward_shards == before == 3
+    for (name, p), q in zip(model.named_parameters(), tiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 class Head(nn.Module):
     """A head and its loss on hidden states: ``F.cross_entropy(proj(h).float().view(-1, V), y.view(-1))``,
     or (``cast=False``, BART's way) ``nn.CrossEntropyLoss()`` built in forward on the uncast logits."""
@@ -263,6 +308,25 @@ class Head(nn.Module):
         if self.cast:
             return F.cross_entropy(self.proj(h).float().view(-1, V), y.view(-1))
         return nn.CrossEntropyLoss()(self.proj(h).view(-1, V), y.view(-1))
+
+
+@pytest.mark.parametrize("cast", [False, True], ids=["bf16_loss", "fp32_loss"])
+def test_a_bf16_head_returns_the_untouched_losss_dtype_and_is_at_least_as_close_to_fp64(cast):
+    """DeepSpeed's tiled-loss test and a hand-written bf16 head compute the loss on bf16 logits: the tiled
+    loss has the untouched loss's dtype (accumulated in fp32 inside, cast once at the end), and its value is
+    at least as close to an fp64 reference as the untouched one's."""
+    torch.manual_seed(0)
+    model64 = Head(cast=cast).double()
+    h = torch.randn(4, 96, 16, dtype=torch.float64)
+    y = torch.randint(0, V, (4, 96))
+    reference = model64(h, y).item()
+    model = copy.deepcopy(model64).to(torch.bfloat16)
+    tiled = fxtile.transform(copy.deepcopy(model), shards=3, loss=True)
+    assert [m.pattern for m in fxtile.find(tiled, loss=True)] == ["linear_cross_entropy"]
+    untouched = model(h.to(torch.bfloat16), y)
+    got = tiled(h.to(torch.bfloat16), y)
+    assert got.dtype == untouched.dtype == (torch.float32 if cast else torch.bfloat16)
+    assert abs(got.item() - reference) <= abs(untouched.item() - reference) + 1e-9, (got.item(), untouched.item(), reference)
 
 
 def test_float64_logits_without_a_cast_keep_float64_precision():

@@ -119,13 +119,22 @@ class _Counting(nn.Module):  # a projection that updates a buffer in forward
         return self.b(F.gelu(self.a(x)))
 
 
-class _Chain(nn.Module):  # a -> act -> b -> act -> c -> act -> d: plain MLPs (a, b), (b, c), (c, d)
+class _Chain(nn.Module):  # a -> act -> b -> act -> c -> act -> d: plain MLPs (a, b), (b, c), (c, d), none widening
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c, self.d = nn.Linear(8, 32), nn.Linear(32, 8), nn.Linear(8, 32), nn.Linear(32, 8)
+        self.a, self.b, self.c, self.d = nn.Linear(8, 32), nn.Linear(32, 16), nn.Linear(16, 16), nn.Linear(16, 8)
 
     def forward(self, x):
         return self.d(F.relu(self.c(F.gelu(self.b(F.relu(self.a(x)))))))
+
+
+class _Widening(_Escapes):  # H -> H -> wider: an output head after a transform (BERT's), not an MLP
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 32)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x)))
 
 
 @pytest.mark.parametrize("make, accepted, reason", [
@@ -133,7 +142,8 @@ class _Chain(nn.Module):  # a -> act -> b -> act -> c -> act -> d: plain MLPs (a
     (_Transposed, [], "so its rows may not be tokens"),
     (_Counting, [], "holds buffers, which its forward may update"),
     (_Chain, [{"fc1": "a", "fc2": "b"}, {"fc1": "c", "fc2": "d"}], "overlaps the plain region ending at b"),
-], ids=["contained", "rows_are_tokens", "stateless", "no_overlap"])
+    (_Widening, [], "its second projection widens (8 -> 32)"),
+], ids=["contained", "rows_are_tokens", "stateless", "no_overlap", "contracts_back"])
 def test_each_filter_refuses_what_it_names_with_its_reason(make, accepted, reason):
     """The filters run in order on every candidate; each rejection comes back with its reason (the
     overlap filter included: the larger, earlier region is kept)."""

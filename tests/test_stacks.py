@@ -9,6 +9,7 @@ checks that what cannot be tiled is reported with its reason.
 from __future__ import annotations
 
 import copy
+import inspect
 import gc
 import linecache
 import os
@@ -220,6 +221,40 @@ def test_qlora_on_bitsandbytes_projections_is_tiled_and_exact(kind):
         warnings.filterwarnings("ignore", message="MatMul8bitLt")
         assert_same_outputs_and_grads(lora, tiled, ids, out_fn=lambda o: o.logits, atol=1e-4, rtol=1e-4)
         assert ran_tiled(tiled, lambda: tiled(input_ids=ids, labels=ids).loss.backward()) == (6, 6)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(got: dict, expected: dict, what: str) -> None:
+    assert sorted(got) == sorted(expected), f"{what}: keys differ: {sorted(set(expected) ^ set(got))}"
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5, msg=lambda m: f"{what}: {key}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_qlora_state_dict_is_what_an_untiled_run_leaves(kind):
+    """bitsandbytes keeps quantization state on its modules (Linear8bitLt's int8 scales move from the weight to
+    ``self.state`` on its first call, where its state_dict reads them): transform and every tiled call must
+    leave state_dict keys and values as an untiled run would, or a checkpoint saved after transform loses them."""
+    torch.manual_seed(0)
+    lora = _lora(_quantized_llama(kind)).train()
+    reference = copy.deepcopy(lora)
+    before = _state(lora)
+    tiled = fxtile.transform(lora, shards=3)
+    assert len([m for m in fxtile.find(tiled) if m.tiled]) == 2
+    _assert_same_state(_state(tiled), before, "after transform")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="MatMul8bitLt")
+        for model in (reference, tiled):
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+    _assert_same_state(_state(tiled), _state(reference), "after a training step")
+    if kind == "int8":
+        assert any(k.endswith("gate_proj.base_layer.SCB") for k in before), "the int8 scales to actually perform the test"
 
 
 def test_torchao_qat_fake_quantized_projections_are_tiled_and_exact():
@@ -664,3 +699,46 @@ def test_hf_trainer_with_lora_and_gradient_checkpointing_trains_like_the_untiled
     assert counts and all(n == 3 * 3 for n in counts.values()), counts  # 3 steps, 3 recomputed shards each
     for name, value in trained[0].items():
         torch.testing.assert_close(trained[1][name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_hf_trainer_with_its_default_arguments_trains_with_the_loss_tiled(tmp_path):
+    """Trainer's default remove_unused_columns=True keeps only the columns the model's forward signature
+    names: the forward fxtile installs keeps the original's signature, so input_ids survive and the head and
+    loss run tiled. Two SGD steps land on the untiled run's weights."""
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, TINY["vocab_size"], (4, 9), generator=gen)]
+    args = T.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+                               use_cpu=True, report_to=[], save_strategy="no", seed=0, disable_tqdm=True, optim="sgd")
+    trained, ran = [], None
+    for tile in (False, True):
+        torch.manual_seed(0)
+        model = _llama()
+        if tile:
+            fxtile.transform(model, shards=3, loss=True)
+            assert [m.pattern for m in fxtile.find(model, loss=True)][0] == "linear_cross_entropy"
+        before = fxtile.testing.shard_counts(model)
+        T.Trainer(model=model, args=args, train_dataset=data).train()
+        if tile:
+            ran = fxtile.testing.shard_counts(model)[""].forward_shards - before[""].forward_shards
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert ran == 2 * 3  # the loss ran tiled in both steps
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("make, call", [
+    (lambda: _llama(), lambda m: m.forward),  # the causal LM root (its loss head, traced per call)
+    (lambda: _llama().model.layers[0].mlp, lambda m: m.forward),  # an MLP traced as one graph
+    (lambda: T.MixtralForCausalLM(T.MixtralConfig(**TINY)).model.layers[0].mlp.experts, lambda m: m.forward),  # a bank
+    (lambda: nn.TransformerEncoderLayer(16, 2, 64, dropout=0.0, batch_first=True), lambda m: m._ff_block),  # a method
+], ids=["per_call_root", "traced_mlp", "expert_bank", "method"])
+def test_every_installed_forward_keeps_the_signature_and_docstring_it_replaces(make, call):
+    torch.manual_seed(0)
+    model = make()
+    original = call(model)
+    expected = (inspect.signature(original), original.__doc__, original.__name__)
+    fxtile.transform(model, shards=3, loss=True)
+    assert any(m.tiled for m in fxtile.find(model, loss=True)), "something tiled to actually perform the test"
+    installed = call(model)
+    assert installed.__func__ is not type(model).__dict__.get(installed.__name__), "the tiled forward is installed"
+    assert (inspect.signature(installed), installed.__doc__, installed.__name__) == expected

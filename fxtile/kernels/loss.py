@@ -7,8 +7,10 @@ computes its logits ``z = h @ W^T (+ b)`` once, its part of the loss and ``dz``,
 one shard of logits (DeepSpeed's ``TiledFusedLogitsLoss`` and torch's chunked ``linear_cross_entropy``
 do the same). The op's backward then only scales the result by ``g``.
 
-Exactness: the rows of a shard are summed with ``reduction="sum"`` and a mean is divided once by the
-denominator torch itself uses, ``sum over rows not ignored of weight[target]`` (the row count without
+Exactness: every shard's loss is computed in at least fp32 and summed in fp64, and the total is cast once
+to the dtype the untouched cross-entropy returns (its input's: a bf16 head without ``.float()`` gives a bf16
+loss, closer to an fp64 reference than the untouched one's). The rows of a shard are summed with
+``reduction="sum"`` and a mean is divided once by the denominator torch itself uses, ``sum over rows not ignored of weight[target]`` (the row count without
 class weights); label smoothing follows the same rule. A shard whose rows are all ignored adds nothing,
 and a batch whose rows are all ignored gives torch's NaN mean and zero gradients.
 
@@ -76,8 +78,9 @@ def _generic_dz(plan: LossPlan, z: torch.Tensor, y: torch.Tensor, tensors, scale
     weight = tensors[plan.class_weight] if plan.class_weight is not None else None
 
     def shard_loss(logits: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(plan.steps(logits), y, weight=weight, ignore_index=plan.ignore_index,
-                               reduction="sum", label_smoothing=plan.label_smoothing)
+        x = plan.steps(logits)  # at least fp32 inside, as the fused path: the loss is cast once, at the end
+        return F.cross_entropy(x.to(torch.promote_types(x.dtype, torch.float32)), y, weight=weight,
+                               ignore_index=plan.ignore_index, reduction="sum", label_smoothing=plan.label_smoothing)
 
     if not want_dz:
         return shard_loss(z), None
@@ -97,12 +100,13 @@ def forward(
     scale = (1.0 / denom) if plan.reduction == "mean" else torch.ones((), dtype=torch.float64, device=h.device)
     grad_h = torch.empty_like(h) if needs[0] else None
     sums: dict[int, torch.Tensor] = {}
-    total, dtype = None, None
+    total = None
+    # the dtype the untouched cross-entropy returns: its input's (bf16 logits without a cast give a bf16 loss)
+    dtype = plan.steps(linear.linear(h[:0], tensors, plan.head)).dtype
     shard_dz = _fused_dz if plan.fused else _generic_dz
     for lo, hi in shard_bounds(h.shape[0], shards):
         x = h[lo:hi]
         loss, dz = shard_dz(plan, linear.linear(x, tensors, plan.head), targets[lo:hi], tensors, scale, want)
-        dtype = loss.dtype
         total = loss.double() if total is None else total.add_(loss.double())
         del loss
         if dz is None:
@@ -111,7 +115,7 @@ def forward(
         if grad_h is not None:  # a shard-sized temporary: under autocast dz is bf16 while h may be fp32
             grad_h[lo:hi] = linear.input_grad(dz, tensors, plan.head)
         del dz
-    assert total is not None and dtype is not None
+    assert total is not None
     value = (total / denom if plan.reduction == "mean" else total).to(dtype)
     # zeros where a gradient was asked for and none arose (the bias of rows that were all ignored)
     return value, finish([h], tensors, {0: grad_h} if grad_h is not None else {}, {i + 1: s for i, s in sums.items()}, needs)
