@@ -79,7 +79,7 @@ def _loss_fn(impl: str, head, rows: int, hidden: int, vocab: int):
     import fxtile
 
     policy = fxtile.ShardPolicy()
-    shards = int(policy.loss_count(rows, hidden, vocab))
+    shards = int(policy.loss_count(rows, hidden, vocab, head.lm_head.weight.element_size()))  # fxtile's own count
     if impl == "fxtile":
         return fxtile.transform(head, loss=True)
     if impl == "torch":

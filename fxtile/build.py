@@ -152,6 +152,7 @@ def check_and_profile(tiled: TiledRegion, root: nn.Module, verify: bool, checked
     ``shards="auto"`` decides each call by), both kept in ``checked`` by the region's structure."""
     tensors = [get_path(root, p) for p in tiled.tensor_paths]
     modes = tiled.live_modes([get_path(root, p) for p in tiled.module_paths])
+    tiled.itemsize = next((t.element_size() for t in tensors if t.is_floating_point()), 4)
     key = structure_key(tiled, tensors, modes)
     if key not in checked:
         check = selfcheck.check_region(tiled, tensors, modes) if verify else Check(None, None, "not verified (verify=False)")

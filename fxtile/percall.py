@@ -56,10 +56,12 @@ class Entry:
 @dataclass(frozen=True)
 class _Untiled:
     """A call signature that runs the class's own code: why, and whether to say so (a causal LM called
-    without labels, or without gradients, computes no loss to tile: nothing to say)."""
+    without labels, or without gradients, computes no loss to tile: nothing to say, unless a training call
+    returns full logits, see :meth:`PerCall.full_logits`)."""
 
     reason: str
     warn: bool = True
+    without_loss: bool = False  # a loss head's block called without its loss (no labels)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class PerCall:
     cache: _SpecCache = field(default_factory=_SpecCache)
     untiled_calls: int = 0
     warned: bool = False
+    logits_warned: bool = False
 
     def entry(self, module: nn.Module, spec: CallSpec) -> Union[Entry, _Untiled]:
         found = self.cache.get(spec.key)
@@ -105,7 +108,7 @@ class PerCall:
         if not candidates:
             expected = not rejections and all(p.nests for p in self.patterns)  # a head called without a loss
             reason = rejections[0].reason if rejections else "no region in the graph of this call"
-            return _Untiled(reason, warn=not expected)
+            return _Untiled(reason, warn=not expected, without_loss=expected)
         _, regions, skipped = tile_graph(self.path, traced.graph_module, candidates, self.policy, self.verify,
                                          traced.root, self.checked, ROOT, self.attr)
         if not regions:
@@ -128,6 +131,27 @@ class PerCall:
             self.warned = True
             warnings.warn(f"fxtile: {self.path or '(root)'} runs untiled for this call: {reason}", stacklevel=4)
 
+    def full_logits(self, module: nn.Module, output) -> None:
+        """Warn once when a training call of a loss head's block, made without labels, returns logits for
+        ``policy.min_tokens`` rows or more that backward will need: the flow of DeepSpeed's and Accelerate's
+        sequence-parallel examples (logits out of the model, loss computed outside it), where the loss head
+        cannot be tiled and the full ``rows x vocab`` logits (and their fp32 copy in the loss) are held."""
+        if self.logits_warned or not (module.training and torch.is_grad_enabled()):
+            return
+        grads = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad and t.dim() >= 2]
+        if not grads:
+            return
+        logits = max(grads, key=torch.Tensor.numel)
+        rows = logits.numel() // max(1, logits.shape[-1])
+        if rows < self.policy.min_tokens:
+            return
+        self.logits_warned = True
+        warnings.warn(
+            f"fxtile: {self.path or '(root)'} was called in training without labels and returned {rows} x "
+            f"{logits.shape[-1]} logits: a loss computed from them outside the model is not tiled. Pass the labels "
+            "to the model (labels=..., or shift_labels=... under sequence parallelism) so that its loss head runs tiled.",
+            stacklevel=4)
+
 
 def per_call_forward(self: nn.Module, *args, **kwargs):
     """The installed forward (or method) of a block traced per call: this call's tiled graph, or the
@@ -141,5 +165,8 @@ def per_call_forward(self: nn.Module, *args, **kwargs):
     entry = per_call.entry(self, spec)
     if isinstance(entry, _Untiled):
         per_call.untiled(entry.reason, entry.warn)
-        return per_call.original(self, *args, **kwargs)
+        output = per_call.original(self, *args, **kwargs)
+        if entry.without_loss:
+            per_call.full_logits(self, output)
+        return output
     return entry(inputs)

@@ -108,6 +108,7 @@ class TiledRegion:
         self.region, self.policy = region, policy
         self._tiled_states = tuple(python_state(region.template.get_submodule(p)) for p in region.module_paths)
         self.thresholds: Optional[Thresholds] = None  # set with the region's profile (set_profile)
+        self.itemsize = 4  # bytes per element of its weights (set when built): the loss's floor is counted in them
         self.__name__ = self.__qualname__ = region.label  # the generated forward calls it fxtile_<label>
         self.__module__ = "fxtile"
 
@@ -220,7 +221,7 @@ class TiledLoss(TiledRegion):
     _warned = False
 
     def shards_for(self, rows: int) -> int:
-        return self.policy.loss_count(rows, self.region.hidden_size, self.region.width)
+        return self.policy.loss_count(rows, self.region.hidden_size, self.region.width, self.itemsize)
 
     def _untiled(self, why: str, inputs, tensors, modes) -> torch.Tensor:
         if not self._warned:

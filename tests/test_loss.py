@@ -135,6 +135,26 @@ def test_calls_without_labels_without_grad_in_eval_and_generate_keep_their_logit
         assert torch.equal(tiled.generate(ids, **kwargs), model.generate(ids, **kwargs))
 
 
+def test_a_training_call_without_labels_that_returns_long_logits_says_to_pass_the_labels():
+    """The flow of DeepSpeed's and Accelerate's sequence-parallel examples (logits out of the model, the
+    loss computed outside it) cannot tile the loss head: fxtile says so once, and what to do."""
+    tiled = fxtile.transform(_lm("llama"), shards=fxtile.ShardPolicy(min_tokens=16), loss=True)
+    ids = torch.randint(0, V, (2, 16))
+    with pytest.warns(UserWarning, match=rf"called in training without labels and returned 32 x {V} logits.*Pass the labels"):
+        F.cross_entropy(tiled(input_ids=ids).logits.flatten(0, 1), ids.flatten()).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiled(input_ids=ids)  # said once
+        tiled(input_ids=ids, labels=ids).loss.backward()  # the loss head runs tiled
+    other = fxtile.transform(_lm("llama"), shards=fxtile.ShardPolicy(min_tokens=16), loss=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other(input_ids=ids[:, :7])  # 14 rows: below the policy's min_tokens, a short call is no concern
+        with torch.no_grad():
+            other(input_ids=ids)  # no backward: the logits are not kept
+        other.eval()(input_ids=ids)  # evaluation
+
+
 def test_bf16_weights_keep_the_fp32_logits_math():
     """Tolerance, justified: bf16 logits and gradient matmuls round as in the untouched model, the weight
     gradient sums over shards in fp32 in another order: the bar is the untiled model's own error
