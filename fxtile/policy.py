@@ -89,7 +89,7 @@ class ShardPolicy:
     budget: float = 0.125
     accumulate: str = "auto"
     min_saving: float = 0.05
-    loss_budget: float = 0.2  # a loss shard's logits: at most this share of the loss's memory floor
+    loss_budget: float = 0.24  # a loss shard's logits: at most this share of the loss's memory floor
 
     def __post_init__(self) -> None:
         if self.shards is not None and (isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1):
@@ -123,9 +123,9 @@ class ShardPolicy:
         logits in fp32 (plus their gradient in the weights' dtype for bf16/fp16), so shards get as many rows
         as keep that under ``loss_budget`` of the floor, and never fewer than ``min_tokens // 8``: each shard
         reads the whole head weight three times (logits, input gradient, weight gradient), so larger shards
-        are faster. Why 0.2: the op's peak is then about 1.2x the floor (its target: at most 1.25x);
-        benchmarks/loss.py measured 128-row shards 8% slower than torch's chunked ``linear_cross_entropy``
-        at S=16384, H=512, V=32000, where this rule gives about 200 rows."""
+        are faster. Why 0.24: the op's peak is then about 1.24x the floor (its target: at most 1.25x), and
+        its time at most torch's chunked ``linear_cross_entropy``'s (benchmarks/loss.py, S=16384, H=512,
+        V=32000: 0.2 gave 205-row shards at 1.01x torch's time, 0.24 gives 245 rows at 0.98x)."""
         if self.shards is not None:
             return self.shards
         floor = (2 * rows * hidden + vocab * hidden) * itemsize

@@ -50,12 +50,12 @@ def _denominator(plan: LossPlan, targets: torch.Tensor, tensors: Sequence[torch.
 
 def _fused_dz(plan: LossPlan, z: torch.Tensor, y: torch.Tensor, tensors, scale: torch.Tensor, want_dz: bool):
     """(sum of the shard's losses, dz) with one ``rows x V`` buffer, at least fp32 (fp64 logits stay fp64):
-    softmax computed in place (in the logits' own storage when they already have that dtype; the caller
-    keeps no reference to them)."""
+    softmax computed in place (in the logits' own storage when they already have that dtype: the caller
+    reuses that storage for every shard). Four passes over the buffer: max, exp, sum, and one scaling by
+    ``coef / total`` (the softmax and the loss's weight at once) before the target's ``-coef`` is added."""
     dtype = z.dtype
     x = plan.steps(z)  # casts and flattening only
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    del z
     valid = y != plan.ignore_index
     safe = torch.where(valid, y, 0)
     w = tensors[plan.class_weight].to(x.dtype)[safe] * valid if plan.class_weight is not None else valid.to(x.dtype)
@@ -67,11 +67,12 @@ def _fused_dz(plan: LossPlan, z: torch.Tensor, y: torch.Tensor, tensors, scale: 
     loss = ((lse - picked) * w).sum()
     if not want_dz:
         return loss, None
-    x.div_(total)  # softmax
-    x.scatter_add_(1, safe[:, None], -torch.ones_like(picked)[:, None])  # minus the one-hot of the target
-    coef = torch.where(valid, w * scale, torch.zeros_like(w))  # ignored rows: exactly zero, never 0 * inf
-    x.mul_(coef[:, None])
-    return loss, x.to(dtype)  # the gradient of the cast back to the logits' dtype (as autograd gives it)
+    coef = torch.where(valid, w * scale, torch.zeros_like(w))[:, None]  # ignored rows: exactly zero, never 0 * inf
+    x.mul_(coef / total)  # softmax times the row's coefficient
+    x.scatter_add_(1, safe[:, None], -coef)  # minus the one-hot of the target, times the same coefficient
+    if x.dtype == dtype:
+        return loss, x
+    return loss, z.view_as(x).copy_(x) if z.shape == x.shape else x.to(dtype)  # back to the logits' dtype, in their storage
 
 
 def _generic_dz(plan: LossPlan, z: torch.Tensor, y: torch.Tensor, tensors, scale: torch.Tensor, want_dz: bool):
@@ -101,18 +102,28 @@ def forward(
     grad_h = torch.empty_like(h) if needs[0] else None
     sums: dict[int, torch.Tensor] = {}
     total = None
+    no_rows = linear.linear(h[:0], tensors, plan.head)
     # the dtype the untouched cross-entropy returns: its input's (bf16 logits without a cast give a bf16 loss)
-    dtype = plan.steps(linear.linear(h[:0], tensors, plan.head)).dtype
+    dtype = plan.steps(no_rows).dtype
     shard_dz = _fused_dz if plan.fused else _generic_dz
-    for lo, hi in shard_bounds(h.shape[0], shards):
+    bounds = shard_bounds(h.shape[0], shards)
+    # One logits buffer for every shard where the fused path computes in it (not under autocast, where the
+    # matmul's dtype is autocast's): no allocation, and no page faults on fresh memory, per shard.
+    reuse = plan.fused and not torch.is_autocast_enabled(h.device.type)
+    logits = no_rows.new_empty((max((b - a for a, b in bounds), default=0), no_rows.shape[1])) if reuse else None
+    for lo, hi in bounds:
         x = h[lo:hi]
-        loss, dz = shard_dz(plan, linear.linear(x, tensors, plan.head), targets[lo:hi], tensors, scale, want)
+        z = linear.linear(x, tensors, plan.head, out=logits[: hi - lo] if reuse else None)
+        loss, dz = shard_dz(plan, z, targets[lo:hi], tensors, scale, want)
+        del z
         total = loss.double() if total is None else total.add_(loss.double())
         del loss
         if dz is None:
             continue
         linear.weight_grads(sums, needs[1:], tensors, plan.head, x, dz, fp32_sums)
-        if grad_h is not None:  # a shard-sized temporary: under autocast dz is bf16 while h may be fp32
+        if grad_h is not None and dz.dtype == grad_h.dtype:
+            linear.input_grad(dz, tensors, plan.head, out=grad_h[lo:hi])
+        elif grad_h is not None:  # under autocast dz is bf16 while h may be fp32: a shard-sized temporary
             grad_h[lo:hi] = linear.input_grad(dz, tensors, plan.head)
         del dz
     assert total is not None
