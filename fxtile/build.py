@@ -200,6 +200,8 @@ def bank_plan(module: nn.Module, spec: RegionSpec, bank: ExpertsMatch):
     then compares every gradient), or None: the bank keeps the generic kernel."""
     if not spec.hypotheses:
         return None
+    if any(p.device.type == "meta" for p in module.parameters()):
+        return _bank_plan_on_meta(module, spec)
     tensors = [p.detach() for _, p in module.named_parameters()]
     x, ids, weights = probe_inputs(bank.num_experts, bank.hidden_size, tensors[0])
     act = spec.hypotheses[0].expert.act  # the bank's only child, as the template holds it
@@ -223,6 +225,27 @@ def bank_plan(module: nn.Module, spec: RegionSpec, bank: ExpertsMatch):
         if max_error(expected, got, floor=1e-6) <= tolerance(expected.dtype):
             return plan
     return None
+
+
+def _bank_plan_on_meta(module: nn.Module, spec: RegionSpec):
+    """On the meta device: the hypothesis the bank's small real instance reproduces (the same class with
+    every width divided by one factor, as its row-independence probe ran: ``passes.experts``). Its
+    hypotheses come out in the same order, as they follow equalities between widths, which a common
+    factor keeps."""
+    from .passes.experts import match_experts, shrink_factor, shrunk_bank
+
+    try:
+        small = shrunk_bank(module, shrink_factor(module))
+        found = match_experts(small)
+    except Exception:  # noqa: BLE001 - the matcher built and ran the same instance; the generic kernel stays
+        return None
+    if not isinstance(found, ExpertsMatch):
+        return None
+    small_spec = bank_region(small, found, spec.label)
+    plan = bank_plan(small, small_spec, found)
+    if plan is None or len(small_spec.hypotheses) != len(spec.hypotheses):
+        return None
+    return spec.hypotheses[small_spec.hypotheses.index(plan)]
 
 
 def build_bank(path: str, module: nn.Module, bank: ExpertsMatch, policy: ShardPolicy, verify: bool,

@@ -190,6 +190,40 @@ def _table(matches: Matches, memory: dict[tuple[str, tuple[str, ...]], MlpMemory
     return ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
 
 
+_SIZES = (  # what the report says it planned for: (label, config fields in order of preference)
+    ("hidden", ("hidden_size", "n_embd", "d_model")), ("intermediate", ("intermediate_size", "n_inner", "ffn_dim")),
+    ("expert intermediate", ("moe_intermediate_size", "expert_intermediate_size")),
+    ("experts", ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")),
+    ("top-k", ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token")),
+    ("vocab", ("vocab_size",)), ("layers", ("num_hidden_layers", "n_layer", "num_layers")),
+)
+
+
+def config_sizes(config) -> dict[str, int]:
+    """The sizes of ``config`` (its text config for a composite one) that the plan was made for."""
+    try:
+        text = config.get_text_config()
+    except Exception:  # noqa: BLE001
+        text = config
+    sizes = {}
+    for label, names in _SIZES:
+        value = next((getattr(text, n) for n in names if isinstance(getattr(text, n, None), int)
+                      and not isinstance(getattr(text, n), bool)), None)
+        if value is not None:
+            sizes[label] = value
+    return sizes
+
+
+def assumptions(entries: list[MlpMemory], matches: Matches) -> list[str]:
+    """What the estimate assumes beyond the config (expert banks: how their memory was measured)."""
+    banks = [m for m in matches if m.pattern == "routed_experts" and (m.path, m.nodes) in {(e.path, e.nodes) for e in entries}]
+    if not banks:
+        return []
+    return ["expert banks: routing assumed uniform over the experts (each gets tokens x top-k / experts rows; an "
+            "unbalanced router holds more in its busiest expert), replayed on small real instances of the bank's "
+            "class (every width divided by one factor, random weights, on CPU) and scaled to its widths"]
+
+
 def _plan_json(args, config, model: nn.Module, matches: Matches, memory, entries, verification) -> dict:
     before, after = total_peak(entries, tiled=False), total_peak(entries, tiled=True)
     modules = []
@@ -211,6 +245,7 @@ def _plan_json(args, config, model: nn.Module, matches: Matches, memory, entries
         "model": args.model, "model_type": getattr(config, "model_type", None), "class": type(model).__name__,
         "seq_len": args.seq_len, "batch_size": args.batch_size, "tokens": args.seq_len * args.batch_size,
         "dtype": args.dtype, "shards": args.shards, "definition": DEFINITION,
+        "config_sizes": config_sizes(config), "assumptions": assumptions(entries, matches),
         "modules": modules,
         "skipped": [{"path": s.path, "reason": s.reason} for s in matches.skipped],
         "totals": {
@@ -257,8 +292,9 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
     name = type(model).__name__
     print(f"fxtile convert {args.model}: {name}, planned on the meta device in {planned:.1f} s (no weights loaded)",
           file=out)
-    print(f"batch {args.batch_size} x seq {args.seq_len} = {tokens} tokens, {args.dtype}, shards={args.shards}\n",
-          file=out)
+    print(f"batch {args.batch_size} x seq {args.seq_len} = {tokens} tokens, {args.dtype}, shards={args.shards}", file=out)
+    sizes = config_sizes(config)
+    print("config: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + "\n" if sizes else "", file=out)
     if matches:
         print("\n".join(_table(matches, memory)), file=out)
     for skip in matches.skipped:
@@ -266,7 +302,7 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
 
     verification = None
     code = 0
-    if not entries:  # on the meta device expert banks are reported, not tiled: every tiled region has an entry
+    if not entries:  # every tiled region has an entry (expert banks too: fxtile.estimate)
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in matches.skipped[:3])
         print(f"\nfxtile: nothing to tile in {name}" + (f" ({reasons})" if reasons else
               " (no block matched an MLP, expert-bank or loss-head pattern)"), file=err)
@@ -279,6 +315,8 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
               f"{100 * (before - after) / before:.0f}%)", file=out)
         if workspace:
             print(f"  after includes the tiled op's weight-gradient workspace, up to {human(workspace)} per layer", file=out)
+        for line in assumptions(entries, matches):
+            print(textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="    "), file=out)
         print(textwrap.fill(DEFINITION, 100, initial_indent="  ", subsequent_indent="  "), file=out)
         if args.no_verify:
             print("\nexactness: not checked (--no-verify)", file=out)

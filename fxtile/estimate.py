@@ -93,6 +93,27 @@ def _replay(owner: nn.Module, region: TiledRegion, tokens: int, dtype: Optional[
     return shards, kept_before, peak_before, kept_after, peak_after, max(0, peak_after - without), plan.fp32_sums
 
 
+def _replay_bank(owner: nn.Module, region: TiledRegion, tokens: int, dtype: Optional[torch.dtype]) -> tuple:
+    """The same for a routed expert bank, whose routing cannot replay on meta: measured on small real
+    instances of its class and carried to its widths (:func:`fxtile.memory.scaled`), on any device."""
+    live = [get_path(owner, name) for name in region.tensor_paths]
+    modes = _training(region)
+    tensors = memory.replay_tensors(live, "meta", dtype)
+    terms = memory.bank_terms(region.region, tensors, modes)
+    if isinstance(terms, str):
+        raise RuntimeError(terms)
+    profile = memory.profile_of(terms)
+    plan = region.policy.plan(tokens, int(region.shards_for(tokens)), profile)
+    shards = len(shard_bounds(tokens, plan.shards))
+    found = memory.bank_replay(region.region, tensors, modes, tokens, shards, plan.fp32_sums)
+    kept_before, peak_before = (max(0, round(v)) for v in found["untiled"])
+    if shards == 1:
+        return shards, kept_before, peak_before, kept_before, peak_before, 0, plan.fp32_sums
+    kept_after, peak_after = (max(0, round(v)) for v in found["tiled"])
+    workspace = max(0, peak_after - round(found["frozen"][1]))
+    return shards, kept_before, peak_before, kept_after, peak_after, workspace, plan.fp32_sums
+
+
 def _training(region: TiledRegion) -> list[bool]:
     """Every module of the region in train mode (the estimate is for training)."""
     return [True] * len(region.region.moded)
@@ -104,8 +125,9 @@ def mlp_memory(model: nn.Module, tokens: int, dtype: Optional[torch.dtype] = Non
     ``tokens`` is batch size times sequence length (the MLP sees every token as one row). ``dtype``
     is the training dtype of weights and activations (default: the model's own). Works on a model
     on any device, including ``meta``: only the regions' shapes are used. Layers of the same shape
-    are replayed once. A block traced per call is replayed for its default call; routed expert banks
-    (three routed inputs) get no entry (the CLI shows them as "not estimated").
+    are replayed once. A block traced per call is replayed for its default call. A routed expert bank
+    (three routed inputs: its routing cannot replay on meta) is replayed on small real instances of its
+    class and carried to its widths (:func:`fxtile.memory.scaled`), with uniform routing over its experts.
     """
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens must be a positive int (batch size x sequence length), got {tokens!r}")
@@ -113,14 +135,13 @@ def mlp_memory(model: nn.Module, tokens: int, dtype: Optional[torch.dtype] = Non
     found = []
     regions = tiled_regions(model)
     for path, match, region, owner in sorted(regions, key=lambda r: r[2].region.loss is not None):  # loss last
-        if region.region.loss is None and len(region.region.inputs) != 1:  # an expert bank's routed inputs: not replayed
-            continue
+        bank = region.region.loss is None and len(region.region.inputs) != 1  # an expert bank's routed inputs
         tensors = [get_path(owner, name) for name in region.tensor_paths]
         template = region.region.template
         key = (getattr(template, "code", type(template).__name__), region.policy,
                tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors))
         if key not in cache:
-            cache[key] = _replay(owner, region, tokens, dtype)
+            cache[key] = (_replay_bank if bank else _replay)(owner, region, tokens, dtype)
         found.append(MlpMemory(path, match.nodes, tokens, *cache[key]))
     if not regions:
         raise ValueError(

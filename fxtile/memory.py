@@ -7,7 +7,8 @@ weight-gradient sums). So the region's own code runs forward and backward, until
 tiled through the op's kernels (:mod:`fxtile.op`), and :class:`LiveBytes` counts every tensor storage
 created from its allocation until it is freed. On the **meta device** this costs milliseconds at any
 size (shapes only); an expert bank, whose routing is data-dependent, replays on its real weights at a few
-dozen rows instead (its cost per row is small: only ``k`` experts run per row).
+dozen rows instead (its cost per row is small: only ``k`` experts run per row), or, with its weights on
+the meta device, on small real instances of its class whose bytes are carried to its widths (:func:`scaled`).
 
 What is counted: every byte the region adds above its input, its output, the gradient arriving at its
 output, its weights and their ``.grad`` (which exist before the step, as in any step after the first:
@@ -23,8 +24,9 @@ as ``fxtile.estimate`` reports it.
 
 from __future__ import annotations
 
+import math
 import weakref
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,10 +37,11 @@ from .kernels import loss as loss_kernel
 from .policy import MemoryProfile
 from .region import Region
 
-__all__ = ["LiveBytes", "profile", "replay_tiled", "replay_untiled", "replay_tensors", "replay_rows"]
+__all__ = ["LiveBytes", "bank_terms", "profile", "profile_of", "replay_tiled", "replay_untiled", "replay_tensors", "replay_rows"]
 
 META_ROWS = 2048  # replay sizes on meta (free at any size: large, where the kernels' peaks are reached)
 REAL_ROWS = 64  # and on real weights (expert banks)
+BANK_ROWS = 8192  # an expert bank without real weights: its profile is fitted at about these many rows and twice
 
 
 class LiveBytes(TorchDispatchMode):
@@ -171,43 +174,192 @@ def replay_tiled(region: Region, rows: list[torch.Tensor], tensors: list[torch.T
         return kept, counter.peak - out_bytes
 
 
+def _raw(region: Region, live: Sequence[torch.Tensor], modes: Sequence[bool], device, a: int) -> dict[tuple, int]:
+    """``(kept, peak)`` bytes of the profile's replays, by ``("untiled", m, 0)`` and ``("tiled", m, shards, fp32)``
+    for ``m x a`` rows: untiled at ``a`` and ``2a`` rows, tiled at ``(a, 1)``, ``(2a, 2)``, ``(2a, 1)`` per precision."""
+    low = any(t.dtype in (torch.float16, torch.bfloat16) for t in live if t.is_floating_point())
+    like = torch.empty(0, dtype=next(t for t in live if t.is_floating_point()).dtype, device=device)
+    raw: dict[tuple, int] = {}
+    with torch.random.fork_rng(devices=[]):
+        for rows in (a, 2 * a):
+            raw["untiled", rows // a, 0] = replay_untiled(region, replay_rows(region, rows, like), replay_tensors(live, device),
+                                                     modes)
+        for fp32 in ((False, True) if low else (True,)):
+            for rows, shards in ((a, 1), (2 * a, 2), (2 * a, 1)):
+                raw["tiled", rows // a, shards, fp32] = replay_tiled(region, replay_rows(region, rows, like),
+                                                                replay_tensors(live, device), modes, shards, fp32)
+    return raw
+
+
+def _terms(raw: dict[tuple, float], a: float) -> dict[str, float]:
+    """The fitted terms (bytes) of the region's peaks and of what it keeps, from :func:`_raw`'s replays at ``a``
+    and ``2a`` rows: ``untiled_fixed``, ``untiled_per_row``, ``kept_fixed``, ``kept_per_row``, and per precision
+    of the sums ``i`` (0: the weights' dtype, 1: fp32) ``tiled_fixed_i``, ``tiled_per_row_i``,
+    ``tiled_per_shard_row_i``, ``tiled_kept_i`` (what the op keeps, per row)."""
+    u1, u2 = raw["untiled", 1, 0], raw["untiled", 2, 0]
+    terms = {"untiled_per_row": (u2[1] - u1[1]) / a, "kept_per_row": (u2[0] - u1[0]) / a}
+    terms["untiled_fixed"] = u1[1] - terms["untiled_per_row"] * a
+    terms["kept_fixed"] = u1[0] - terms["kept_per_row"] * a
+    for fp32 in (False, True):
+        i = int(fp32)
+        if ("tiled", 1, 1, fp32) not in raw:  # one precision (fp32 weights): its terms stand for both
+            fp32 = True
+        t = {(m * a, shards): raw["tiled", m, shards, fp32] for m, shards in ((1, 1), (2, 2), (2, 1))}
+        per_row = (t[2 * a, 2][1] - t[a, 1][1]) / a
+        per_shard_row = (t[2 * a, 1][1] - t[2 * a, 2][1]) / a
+        terms[f"tiled_fixed_{i}"] = t[a, 1][1] - (per_row + per_shard_row) * a
+        terms[f"tiled_per_row_{i}"], terms[f"tiled_per_shard_row_{i}"] = per_row, per_shard_row
+        terms[f"tiled_kept_{i}"] = t[2 * a, 2][0] / (2 * a)
+    return terms
+
+
+def _measure(region: Region, live: Sequence[torch.Tensor], modes: Sequence[bool], device, a: int) -> dict[str, float]:
+    return _terms(_raw(region, live, modes, device, a), a)
+
+
+def profile_of(terms: dict[str, float]) -> MemoryProfile:
+    return MemoryProfile(
+        untiled_fixed=max(0.0, terms["untiled_fixed"]), untiled_per_row=terms["untiled_per_row"],
+        tiled_fixed=(terms["tiled_fixed_0"], terms["tiled_fixed_1"]),
+        tiled_per_row=(terms["tiled_per_row_0"], terms["tiled_per_row_1"]),
+        tiled_per_shard_row=(terms["tiled_per_shard_row_0"], terms["tiled_per_shard_row_1"]),
+    )
+
+
+def _failed(exc: BaseException) -> str:
+    return f"not profiled: its replay failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+
+
 def profile(region: Region, live: Sequence[torch.Tensor], modes: Sequence[bool]) -> Union[MemoryProfile, str]:
     """The region's :class:`~fxtile.policy.MemoryProfile` for weights like ``live``, or why it could not be
     measured. Five replays: untiled at ``a`` and ``2a`` rows, tiled at ``(a rows, 1 shard)``, ``(2a, 2)``
     and ``(2a, 1)``, which separate the fixed workspace, the buffers over every row and one shard's
-    working set; per precision of the sums where the weights are bf16/fp16."""
-    on_meta = not any(spec.high is not None and spec.width is not None for spec in region.inputs)  # no routing
+    working set; per precision of the sums where the weights are bf16/fp16. An expert bank whose
+    weights are on the meta device is measured on small real instances and scaled (:func:`bank_terms`)."""
+    on_meta = not _routed(region)
+    if not on_meta and any(t.device.type == "meta" for t in live):
+        found = bank_terms(region, live, modes)
+        return found if isinstance(found, str) else profile_of(found)
     device = "meta" if on_meta else live[0].device
-    if not on_meta and any(t.device.type == "meta" or (hasattr(t, "ds_id") and t.numel() == 0) for t in live):
-        return "not profiled: its routing needs real weights, and they are on the meta device or partitioned"
-    a = META_ROWS if on_meta else REAL_ROWS
-    low = any(t.dtype in (torch.float16, torch.bfloat16) for t in live if t.is_floating_point())
-    like = next((t for t in live if t.is_floating_point()), None)
-    if like is None:
+    if not on_meta and any(hasattr(t, "ds_id") and t.numel() == 0 for t in live):
+        return "not profiled: its routing needs real weights, and they are partitioned"
+    if not any(t.is_floating_point() for t in live):
         return "not profiled: it reads no floating tensor"
-    like = torch.empty(0, dtype=like.dtype, device=device)
     try:
-        with torch.random.fork_rng(devices=[]):
-            untiled = []
-            for rows in (a, 2 * a):
-                tensors = replay_tensors(live, device)
-                untiled.append(replay_untiled(region, replay_rows(region, rows, like), tensors, modes)[1])
-            fits = []
-            for fp32 in ((False, True) if low else (True,)):
-                t = {}
-                for rows, shards in ((a, 1), (2 * a, 2), (2 * a, 1)):
-                    tensors = replay_tensors(live, device)
-                    t[rows, shards] = replay_tiled(region, replay_rows(region, rows, like), tensors, modes, shards, fp32)[1]
-                per_row = (t[2 * a, 2] - t[a, 1]) / a
-                per_shard_row = (t[2 * a, 1] - t[2 * a, 2]) / a
-                fits.append((t[a, 1] - (per_row + per_shard_row) * a, per_row, per_shard_row))
+        terms = _measure(region, live, modes, device, META_ROWS if on_meta else _bank_rows(region))
     except Exception as exc:  # noqa: BLE001 - code that cannot replay (a leaf without meta kernels) is not profiled
-        return f"not profiled: its replay failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
-    if len(fits) == 1:
-        fits.append(fits[0])
-    per_row = (untiled[1] - untiled[0]) / a
-    return MemoryProfile(
-        untiled_fixed=max(0.0, untiled[0] - per_row * a), untiled_per_row=per_row,
-        tiled_fixed=(fits[0][0], fits[1][0]), tiled_per_row=(fits[0][1], fits[1][1]),
-        tiled_per_shard_row=(fits[0][2], fits[1][2]),
-    )
+        return _failed(exc)
+    return profile_of(terms)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert banks without real weights: small real instances, scaled
+
+SCALES = (1, 2, 3)  # the small instances: widths (full // factor) x scale, rows x scale
+
+
+def _routed(region: Region) -> bool:
+    return any(spec.high is not None and spec.width is not None for spec in region.inputs)
+
+
+def _bank_rows(region: Region) -> int:
+    """Rows for a bank's replays: enough that every expert gets routed rows (about 8 per expert)."""
+    ids = next(spec for spec in region.inputs if spec.high is not None)
+    return max(REAL_ROWS, -(-8 * ids.high // ids.width))
+
+
+def _small_region(region: Region, live: Sequence[torch.Tensor], factor: int, scale: int,
+                  dtype: torch.dtype) -> tuple[Region, list[torch.Tensor]]:
+    """The bank as a small real region: the same class, its widths ``// factor * scale``, the same kernel plan
+    (the hypothesis at the same place in its list), the same routed inputs (experts, top-k)."""
+    import dataclasses
+
+    from .passes.experts import ExpertsMatch, bank_region, match_experts, shrunk_bank
+
+    small = shrunk_bank(region.template, factor, scale, dtype)
+    found = match_experts(small)
+    if not isinstance(found, ExpertsMatch):
+        raise RuntimeError(f"its small instance was refused: {found}")
+    spec = bank_region(small, found, region.label)
+    plan = None
+    if region.fast is not None:
+        plan = spec.hypotheses[region.spec.hypotheses.index(region.fast)]
+    spec = dataclasses.replace(spec, plan=plan, inputs=(spec.inputs[0], *region.inputs[1:]))
+    params = dict(small.named_parameters())
+    tensors = [params[p].detach().requires_grad_(t.requires_grad) for p, t in zip(spec.tensor_paths, live)]
+    return Region(spec), tensors
+
+
+def scaled(region: Region, live: Sequence[torch.Tensor], rows: int,
+           replays: Callable[[Region, list[torch.Tensor], int], dict]) -> dict:
+    """``replays(small, tensors, rows)`` (a dict of byte counts) for an expert bank at its full widths and
+    ``rows`` rows, from small real CPU instances of its class, without its weights.
+
+    Its routing is data-dependent (``nonzero``, ``histc``, ``bincount().tolist()``), so it cannot replay on
+    the meta device. Every width of a bank (``H``, ``I``, ``2I``) is divided by one factor ``f``; a small
+    instance with widths ``s/f`` of the full ones, run on ``s/f`` of the rows, allocates exactly ``(s/f)^2``
+    of every tensor that is rows x width (activations, their gradients, shards) or width x width (weight
+    gradients and their sums), at every moment: so its peak is the same moment as the full bank's. What
+    does not scale so (index tensors of width ``k``, ``E x H`` biases, ``E``-sized counts) is at most linear
+    in ``s``; three scales ``s = 1, 2, 3`` fix ``a s^2 + b s + c``, which is read at ``s = f``. The
+    replays run in the weights' dtype with uniform random routing (every expert gets rows).
+    """
+    from .passes.experts import shrink_factor
+
+    dtype = next((t.dtype for t in live if t.is_floating_point()), torch.float32)
+    factor = shrink_factor(region.template)
+    base = max(1, round(rows / factor))  # the smallest instance's rows (rows not a multiple of f: rounded)
+    measured = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and several wait on each other on a busy host
+    try:
+        for s in SCALES:
+            small, tensors = _small_region(region, live, factor, s, dtype)
+            measured[s] = replays(small, tensors, base * s)
+    finally:
+        torch.set_num_threads(threads)
+
+    def at_full(values: list[float]) -> float:  # Lagrange through the three scales, at s = factor
+        return sum(v * math.prod((factor - o) / (s - o) for o in SCALES if o != s) for v, s in zip(values, SCALES))
+
+    out = {}
+    for key, value in measured[SCALES[0]].items():
+        if isinstance(value, tuple):
+            out[key] = tuple(at_full([measured[s][key][j] for s in SCALES]) for j in range(len(value)))
+        else:
+            out[key] = at_full([measured[s][key] for s in SCALES])
+    return out
+
+
+def bank_terms(region: Region, live: Sequence[torch.Tensor], modes: Sequence[bool]) -> Union[dict[str, float], str]:
+    """:func:`_measure`'s terms for an expert bank at its full widths, without its weights (:func:`scaled`),
+    fitted at ``BANK_ROWS`` and twice as many rows: about where tiling a bank starts to pay (``E x H / k``
+    tokens for Mixtral-sized banks: see the shard policy)."""
+    from .passes.experts import shrink_factor
+
+    factor = shrink_factor(region.template)
+    a = max(1, BANK_ROWS // factor) * factor
+    try:
+        raw = scaled(region, live, a, lambda small, tensors, rows: _raw(small, tensors, modes, "cpu", rows))
+    except Exception as exc:  # noqa: BLE001
+        return _failed(exc)
+    return _terms(raw, a)
+
+
+def bank_replay(region: Region, live: Sequence[torch.Tensor], modes: Sequence[bool], rows: int, shards: int,
+                fp32_sums: bool) -> dict[str, tuple]:
+    """An expert bank's ``(kept, peak)`` bytes at its full widths and ``rows`` rows without its weights
+    (:func:`scaled`): ``"untiled"``, ``"tiled"`` in ``shards`` shards, and ``"frozen"`` (tiled, no weight
+    gradients: the difference is the weight-gradient workspace)."""
+    def replays(small: Region, tensors: list[torch.Tensor], n: int) -> dict:
+        like = torch.empty(0, dtype=next(t for t in tensors if t.is_floating_point()).dtype)
+        with torch.random.fork_rng(devices=[]):
+            out = {"untiled": replay_untiled(small, replay_rows(small, n, like), replay_tensors(tensors, "cpu"), modes)}
+            if shards > 1:
+                out["tiled"] = replay_tiled(small, replay_rows(small, n, like), replay_tensors(tensors, "cpu"), modes,
+                                            shards, fp32_sums)
+                frozen = [t.detach() for t in replay_tensors(tensors, "cpu")]
+                out["frozen"] = replay_tiled(small, replay_rows(small, n, like), frozen, modes, shards, fp32_sums)
+        return out
+
+    return scaled(region, live, rows, replays)

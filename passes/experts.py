@@ -18,25 +18,38 @@ it on a few random rows at once and in two pieces and requires the same rows bac
 Matching is by shape only: a module with at least two direct 3-D parameters stacking ``E >= 2``
 experts on dim 0 (biases ``[E, X]`` allowed), with one width ``H`` shared by every 3-D parameter (the
 hidden size); then the probe decides.
+
+On the **meta device** (``fxtile convert`` plans a model without loading it) the bank cannot run, so the
+probe runs on a *small real instance of the same class* (:func:`shrunk_bank`): a copy whose stacked
+widths are all divided by one common factor, with random CPU weights. Row independence is a property of
+the bank's code (how it routes, whether it caps rows per expert), not of its widths, so the probe keeps
+its power; a bank that cannot be shrunk that way, or whose shrunk copy does not run, is refused with
+that reason.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .cut import ProbeInput, RegionSpec, meta_template
+from .cut import MODULE_HOOKS, ProbeInput, RegionSpec, meta_template
 from .modes import preserved_modes
 from .plans import bank_hypotheses
 from .trace import first_line, graph_module
 
-__all__ = ["ExpertsMatch", "bank_region", "experts_forward", "looks_like_experts", "match_experts", "probe_inputs"]
+__all__ = ["ExpertsMatch", "bank_region", "bank_widths", "experts_forward", "looks_like_experts", "match_experts",
+           "probe_inputs", "shrink_factor", "shrunk_bank", "top_k"]
 
 _PROBE_ROWS = (3, 4)  # two uneven pieces of 7 probe rows
+SHRUNK_WIDTH = 16  # a shrunk bank's narrowest width is at least this (where the bank's own widths allow it)
+_TOP_K_NAMES = ("num_experts_per_tok", "top_k", "moe_topk", "num_experts_per_token", "moe_k", "experts_per_token")
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,7 @@ class ExpertsMatch:
     hidden_size: int
     intermediate_size: int
     activation: str
+    top_k: int = 2  # experts per token, as the bank or its config states it (2 where neither does)
 
 
 def _stacked(module: nn.Module) -> tuple[int, list[torch.Tensor]] | None:
@@ -83,6 +97,73 @@ def _intermediate(three_d: list[torch.Tensor], hidden: int) -> int:
 def _activation(module: nn.Module) -> str:
     children = list(module.children())
     return type(children[0]).__name__ if children else "unknown"
+
+
+def top_k(module: nn.Module, experts: int) -> Optional[int]:
+    """Experts per token where the bank or its ``config`` says (transformers' banks keep the model config),
+    else None. A bank never sees its router, so this is the only place it is written."""
+    for owner in (module, getattr(module, "config", None)):
+        for name in _TOP_K_NAMES:
+            value = getattr(owner, name, None) if owner is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and 1 <= value:
+                return min(value, experts)
+    return None
+
+
+def bank_widths(module: nn.Module) -> list[int]:
+    """Every width of the bank's stacked parameters (the non-expert dims of its 3-D parameters: ``H``,
+    ``I``, ``2I``), sorted; empty if it is no bank."""
+    stacked = _stacked(module)
+    return sorted({s for p in stacked[1] for s in p.shape[1:]}) if stacked else []
+
+
+def shrink_factor(module: nn.Module, narrowest: int = SHRUNK_WIDTH) -> int:
+    """The common factor :func:`shrunk_bank` divides every width by: the largest divisor of their gcd that
+    keeps the narrowest at least ``narrowest`` wide (1: the bank is small enough already).
+    Mixtral (4096, 14336, 28672): gcd 2048, factor 256 (widths 16, 56, 112)."""
+    widths = bank_widths(module)
+    if not widths:
+        return 1
+    g = math.gcd(*widths)
+    return max((d for d in range(1, g + 1) if g % d == 0 and widths[0] // d >= narrowest), default=1)
+
+
+def shrunk_bank(module: nn.Module, factor: int, scale: int = 1, dtype: Optional[torch.dtype] = None,
+                seed: int = 0) -> nn.Module:
+    """A real CPU instance of ``module``'s class (a deep copy, no hooks) whose stacked widths ``w`` are
+    ``w // factor * scale``, with random weights (``dtype``: the floating parameters' dtype, default
+    float32). Works from weights on any device, meta included: only shapes are read.
+
+    What is shrunk, by one generic rule (no per-class table): the non-expert dims of the direct 3-D and
+    2-D (``[E, X]`` biases) parameters that are bank widths, any dim of a child's parameters that is one,
+    and every int attribute of the bank and its children equal to a bank width (transformers' banks keep
+    ``hidden_dim`` and ``intermediate_dim``). ``factor`` must divide every width (:func:`shrink_factor`).
+    """
+    widths = set(bank_widths(module))
+    experts = _stacked(module)[0] if widths else 0
+
+    def width(d: int) -> int:
+        return d // factor * scale if d in widths else d
+
+    gen = torch.Generator().manual_seed(seed)
+    memo: dict[int, object] = {}
+    direct = {id(p) for p in module.parameters(recurse=False)}
+    for p in module.parameters():
+        dims = list(p.shape)
+        start = 1 if id(p) in direct and p.dim() >= 2 else 0
+        shape = dims[:start] + [width(d) for d in dims[start:]]
+        cast = (dtype or torch.float32) if p.is_floating_point() else p.dtype
+        fan_in = shape[-1] if len(shape) >= 2 else 10
+        value = torch.randn(shape, generator=gen) * (fan_in ** -0.5 if len(shape) >= 3 else 0.1)
+        memo[id(p)] = nn.Parameter(value.to(cast), requires_grad=p.requires_grad)
+    small = copy.deepcopy(module, memo)
+    for sub in small.modules():
+        for hooks in MODULE_HOOKS:
+            getattr(sub, hooks).clear()
+        for name, value in list(vars(sub).items()):
+            if type(value) is int and value in widths and value != experts:
+                setattr(sub, name, width(value))
+    return small
 
 
 def probe_inputs(experts: int, hidden: int, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,15 +216,24 @@ def match_experts(module: nn.Module) -> ExpertsMatch | str | None:
                 "not (hidden rows, expert ids, routing weights)")
     if any(True for _ in module.buffers()):
         return "it holds buffers, which its forward may update; a recompute would update them again"
-    if three_d[0].device.type == "meta":
-        return "its weights are on the meta device; call fxtile.transform after loading the weights"
+    probed, factor, where = module, 1, ""
+    if three_d[0].device.type == "meta":  # probe a small real instance of the same class (module docstring)
+        factor = shrink_factor(module)
+        where = (f"on the meta device it was probed as a small real instance of {type(module).__name__} "
+                 f"(widths / {factor}, random weights): ")
+        try:
+            probed = shrunk_bank(module, factor)
+        except Exception as exc:  # noqa: BLE001 - a class that cannot be copied or shrunk is not planned
+            return f"{where}the instance could not be built ({first_line(exc, 120)})"
+    probed_3d = [p for p in probed.parameters(recurse=False) if p.dim() == 3]
     reasons = []
     for hidden in _hidden_candidates(three_d):
-        reason = _probe(module, tuple(required), experts, hidden, three_d[0])
+        reason = _probe(probed, tuple(required), experts, hidden // factor, probed_3d[0])
         if reason is None:
             names = tuple(n for n, _ in module.named_parameters())
-            return ExpertsMatch(tuple(required), names, experts, hidden, _intermediate(three_d, hidden), _activation(module))
-        reasons.append(reason)
+            return ExpertsMatch(tuple(required), names, experts, hidden, _intermediate(three_d, hidden), _activation(module),
+                                top_k(module, experts) or min(2, experts))
+        reasons.append(where + reason)
     return reasons[0] if reasons else "its stacked parameters share no hidden width"
 
 
@@ -159,7 +249,7 @@ def bank_region(module: nn.Module, match: ExpertsMatch, label: str) -> RegionSpe
     hypotheses = tuple(bank_hypotheses(tensors, match.hidden_size, match.num_experts, act)) if plain_act else ()
     return RegionSpec(
         template, match.tensor_names, children, tuple(type(module.get_submodule(c)) for c in children),
-        (ProbeInput(match.hidden_size), ProbeInput(2, high=match.num_experts), ProbeInput(2)),
+        (ProbeInput(match.hidden_size), ProbeInput(match.top_k, high=match.num_experts), ProbeInput(match.top_k)),
         match.hidden_size, match.intermediate_size, True, None, label, hypotheses,
     )
 

@@ -151,15 +151,16 @@ def test_nothing_to_tile_exits_1_and_says_why(capsys, tmp_path):
     assert "nothing to tile" in err
 
 
-def test_a_model_whose_only_mlps_are_expert_banks_says_they_need_real_weights(capsys, tmp_path):
-    """An expert bank is tiled after a probe of its rows, which needs real weights: on the meta device it is
-    reported, and a plan with nothing else to tile exits 1 with that reason."""
+def test_a_model_whose_only_mlps_are_expert_banks_is_planned_on_meta(capsys, tmp_path):
+    """An expert bank is probed on a small real instance of its class on the meta device (issue 19): a
+    model whose only MLPs are banks is planned, estimated and exits 0."""
     import transformers as T
 
     T.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, num_local_experts=4, vocab_size=100).save_pretrained(tmp_path)
     code, out, err = run(capsys, "convert", str(tmp_path), "--seq-len", "512", "--no-loss", "--no-verify")
-    assert code == 1 and "nothing to tile" in err and "weights are on the meta device" in err
+    assert code == 0, err
+    assert "total: 2 of 2 regions tiled" in out and "weights are on the meta device" not in out + err
 
 
 def test_a_failing_exactness_check_exits_1(capsys, monkeypatch):
@@ -290,3 +291,44 @@ def test_total_peak_adds_what_earlier_layers_keep():
         mlp_memory(torch.nn.Linear(2, 2), 0)
     with pytest.raises(ValueError, match="call fxtile.transform"):
         mlp_memory(torch.nn.Linear(2, 2), 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert banks planned on meta (issue 19)
+
+
+def _bank_plan(plan: dict, layers: int) -> list[dict]:
+    banks = [m for m in plan["modules"] if m["pattern"] == "routed_experts"]
+    assert [m["path"] for m in banks] == [f"model.layers.{i}.mlp.experts" for i in range(layers)]
+    for m in banks:
+        assert m["tiled"] and m["shards"] and m["shards"] > 1
+        assert m["activation_bytes_after"] < m["activation_bytes_before"] and m["kept_bytes_before"] > 0
+    assert not [s for s in plan["skipped"] if "meta device" in s["reason"]]
+    return banks
+
+
+def test_mixtral_at_32k_plans_every_layers_bank_and_counts_them(capsys):
+    code, out, err = run(capsys, "convert", "mixtral", "--seq-len", "32768", "--json", "-")
+    assert code == 0, err
+    plan = json.loads(out)
+    banks = _bank_plan(plan, 32)
+    heads = [m for m in plan["modules"] if m["pattern"] == "linear_cross_entropy"]
+    assert len(heads) == 1 and heads[0]["tiled"]
+    assert plan["totals"]["regions"] == plan["totals"]["tiled"] == 33
+    # backward starts with the loss while every bank keeps what its backward needs
+    assert plan["totals"]["activation_bytes_before"] >= 32 * banks[0]["kept_bytes_before"]
+    assert plan["config_sizes"] == {"hidden": 4096, "intermediate": 14336, "experts": 8, "top-k": 2, "vocab": 32000,
+                                    "layers": 32}
+    assert plan["assumptions"] and "uniform" in plan["assumptions"][0]
+    assert plan["verification"]["passed"] and plan["exit_code"] == 0
+    assert "config: hidden 4096, intermediate 14336, experts 8, top-k 2" in err and "total: 33 of 33 regions tiled" in err
+
+
+@pytest.mark.parametrize("model, top_k", [("qwen3_moe", 8)])
+def test_fine_grained_banks_are_planned_with_their_top_k(capsys, model, top_k):
+    code, out, err = run(capsys, "convert", model, "--seq-len", "32768", "--json", "-", "--no-loss", "--no-verify")
+    assert code == 0, err
+    plan = json.loads(out)
+    layers = plan["config_sizes"]["layers"]
+    _bank_plan(plan, layers)
+    assert plan["config_sizes"]["top-k"] == top_k and plan["totals"]["tiled"] == plan["totals"]["regions"] == layers

@@ -109,7 +109,7 @@ def forward(
     bounds = shard_bounds(h.shape[0], shards)
     # One logits buffer for every shard where the fused path computes in it (not under autocast, where the
     # matmul's dtype is autocast's): no allocation, and no page faults on fresh memory, per shard.
-    reuse = plan.fused and not torch.is_autocast_enabled(h.device.type)
+    reuse = plan.fused and (h.device.type == "meta" or not torch.is_autocast_enabled(h.device.type))  # meta has no autocast
     logits = no_rows.new_empty((max((b - a for a, b in bounds), default=0), no_rows.shape[1])) if reuse else None
     for lo, hi in bounds:
         x = h[lo:hi]
