@@ -107,7 +107,60 @@ def build_parser() -> argparse.ArgumentParser:
                          help="plan the MLPs only, not the output projection and its loss (fxtile.transform(loss=False))")
     convert.add_argument("--trust-remote-code", action="store_true",
                          help="allow a model directory's own modeling code (transformers' trust_remote_code)")
+    step = convert.add_argument_group(
+        "whole training step (fxtile.planner)",
+        "with --device-memory: the peak of one training step per GPU (weights, gradients, optimizer states, "
+        "activations measured on meta) untiled and with fxtile, and the longest sequence that fits")
+    step.add_argument("--device-memory", metavar="SIZE", type=_memory_size,
+                      help="one GPU's memory, e.g. 80GiB or 141GB: plan the whole step and the longest sequence")
+    step.add_argument("--offload", action="store_true",
+                      help="checkpointed layer inputs and optimizer states in host memory (as ALST does)")
+    step.add_argument("--sp", type=_positive_int("--sp"), default=1,
+                      help="Ulysses sequence-parallel degree: each rank holds seq/sp tokens (default 1)")
+    step.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage (default 0)")
+    step.add_argument("--world", type=_positive_int("--world"), default=1, help="data-parallel ranks ZeRO shards over (default 1)")
+    step.add_argument("--optimizer", choices=("adamw", "sgd", "none"), default="adamw", help="optimizer states (default adamw)")
+    step.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
     return parser
+
+
+def _memory_size(text: str) -> int:
+    from .planner import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_memory_size.__name__ = "--device-memory"
+
+
+def _step_report(args, model: nn.Module, base: nn.Module, out) -> dict:
+    """The whole-step section of the report (``--device-memory``), and its JSON."""
+    from .planner import plan_step
+
+    plan = plan_step(base, args.seq_len, args.device_memory, batch=args.batch_size, sp=args.sp, offload=args.offload,
+                     zero=args.zero, world=args.world, optimizer=args.optimizer,
+                     checkpointing=not args.no_checkpointing, tiled=model)
+    st = plan.states
+    print(f"\nwhole training step per GPU at seq {args.seq_len} (--device-memory {human(args.device_memory)}):", file=out)
+    print(f"  states: weights {human(st.weights)}, gradients {human(st.grads)}, optimizer {human(st.optimizer)}"
+          + (f", gathered ZeRO-3 block {human(st.gathered)}" if st.gathered else "")
+          + (f"; on the host: optimizer {human(st.host)}" if st.host else ""), file=out)
+    for name, (act, total, fit) in plan.rows.items():
+        verdict = "fits" if total <= args.device_memory else "does not fit"
+        print(f"  {name:8s} activations {human(act):>10s}  step peak {human(total):>10s} ({verdict}); "
+              f"longest sequence that fits: {fit if fit else 'none'}", file=out)
+    for line in plan.assumptions:
+        print(textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="    "), file=out)
+    return {"device_memory": args.device_memory, "seq_len": args.seq_len, "sp": args.sp, "zero": args.zero,
+            "world": args.world, "optimizer": args.optimizer, "offload": args.offload,
+            "checkpointing": not args.no_checkpointing,
+            "states": {"weights": st.weights, "grads": st.grads, "optimizer": st.optimizer, "gathered": st.gathered,
+                       "host": st.host},
+            "rows": {k: {"activation_bytes": a, "step_peak_bytes": t, "longest_seq": f} for k, (a, t, f) in plan.rows.items()},
+            "assumptions": plan.assumptions}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +333,13 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
         raise UsageError(f"cannot build {type(config).__name__} on the meta device: {_first_line(exc)}") from None
     tokens = args.seq_len * args.batch_size
     dtype = DTYPES[args.dtype]
+    base = None
+    if args.device_memory:  # the whole-step plan needs the model untouched as well
+        if args.sp > args.world:
+            raise UsageError(f"--sp {args.sp} needs at least as many ranks: pass --world {args.sp} or more")
+        import copy
+
+        base = copy.deepcopy(model)
     loss = not args.no_loss
     with warnings.catch_warnings():  # "found no MLP" is reported below, with the reasons
         warnings.simplefilter("ignore")
@@ -330,9 +390,14 @@ def convert(args: argparse.Namespace, out=None, err=None) -> int:
             else:
                 print(f"\nfxtile: exactness check failed: {verification.detail}", file=err)
                 code = 1
+    step = None
+    if args.device_memory:
+        step = _step_report(args, model, base, out)
     if args.json:
         plan = _plan_json(args, config, model, matches, memory, entries, verification)
         plan["exit_code"] = code
+        if step is not None:
+            plan["step"] = step
         text = json.dumps(plan, indent=2)
         if args.json == "-":
             print(text, file=json_out)

@@ -149,7 +149,8 @@ class PerCall:
         warnings.warn(
             f"fxtile: {self.path or '(root)'} was called in training without labels and returned {rows} x "
             f"{logits.shape[-1]} logits: a loss computed from them outside the model is not tiled. Pass the labels "
-            "to the model (labels=..., or shift_labels=... under sequence parallelism) so that its loss head runs tiled.",
+            "to the model (labels=...; under sequence parallelism labels=shift_labels, shift_labels=shift_labels) so that "
+            "its loss head runs tiled.",
             stacklevel=4)
 
 

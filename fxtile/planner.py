@@ -1,0 +1,376 @@
+"""The memory of one whole training step, untiled and with fxtile, and the longest sequence that fits.
+
+Activations (and the step's working memory) are *measured*: the real step,
+``model(input_ids=ids, labels=ids).loss.backward()`` with activation checkpointing on, runs on the meta
+device under :class:`StepBytes` (:class:`fxtile.memory.LiveBytes` that also follows marked storages).
+States (weights, gradients, optimizer) are added arithmetically, sharded as ZeRO shards them
+(:func:`states`). ``--sp K`` (Ulysses) is approximated by ``seq / K`` tokens per rank (all-to-all buffers
+not counted). ``offload``: the hidden states entering each checkpointed decoder layer are marked; the
+device peak is the highest point of the unmarked bytes plus one hidden state; optimizer states go to the
+host too (ALST's single-GPU setup). On meta, ``F.scaled_dot_product_attention`` would pick its math
+kernel (a tokens x tokens matrix): during the step it runs ``aten._scaled_dot_product_flash_attention_for_cpu``
+instead (linear, as CUDA's flash kernels are). See docs/planner.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .memory import LiveBytes
+
+__all__ = ["StepBytes", "StepPeak", "States", "Plan", "parse_bytes", "prepare", "step_peak", "states", "longest",
+           "plan_step"]
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``'80GiB'``, ``'80GB'``, ``'1.5 TiB'``, ``'4096'`` -> bytes; ValueError otherwise."""
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+    if not found or found.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 80GiB, 141GB)")
+    value = float(found.group(1)) * _UNITS[found.group(2).lower()]
+    if value < 1:
+        raise ValueError(f"not a positive memory size: {text!r}")
+    return int(value)
+
+
+class StepBytes(LiveBytes):
+    """LiveBytes that also follows *marked* storages: ``peak_unmarked`` is the highest point of the others."""
+
+    def __init__(self, existing: Iterable[torch.Tensor]) -> None:
+        super().__init__(existing)
+        self.marked = 0
+        self.marked_at_peak = 0
+        self.peak_unmarked = 0
+        self.paused = 0
+        self._marks: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.paused:  # fxtile building a call's graph (see _Building): not part of the step
+            return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.add.Tensor and not kwargs and len(args) == 2:
+            self._summed_in_place(args[0], args[1], out)
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self._count(value)
+        return out
+
+    def _summed_in_place(self, old: torch.Tensor, new, out: torch.Tensor) -> None:
+        """The autograd engine summing two gradients of one tensor (a tied weight: the loss op's ``dW`` and the
+        embedding's) adds the second into the first in place when it holds the last reference to it
+        (``InputBuffer::accumulate``), so no new storage is made; under any dispatch mode it adds out of place
+        (a mode makes every tensor "subclass-like"), so the count sees a second weight-sized storage that a
+        real step never allocates. Here the sum takes the first one's bytes: it is not counted until that
+        one is freed."""
+        if (torch._C._current_graph_task_id() == -1 or torch.is_grad_enabled() or not isinstance(new, torch.Tensor)
+                or old.shape != out.shape or old.dtype != out.dtype or not old.is_contiguous()):
+            return
+        storage = old.untyped_storage()
+        size = storage.nbytes()
+        if self._refs.get(id(storage)) is None or size != out.untyped_storage().nbytes():
+            return  # not a gradient made in the step (or not the size of the sum)
+        self.live -= size  # _count adds the sum's bytes back next
+
+        def freed() -> None:
+            self.live += size
+
+        weakref.finalize(storage, freed)
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        before = self.peak
+        super()._count(tensor)
+        if self.peak != before:
+            self.marked_at_peak = self.marked
+        self.peak_unmarked = max(self.peak_unmarked, self.live - self.marked)
+
+    def mark(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._marks or self._refs.get(key) is None:  # not created in the step, or marked already
+            return
+        self._marks[key] = storage.nbytes()
+        self.marked += storage.nbytes()
+
+        def unmark(key: int = key) -> None:
+            self.marked -= self._marks.pop(key, 0)
+
+        weakref.finalize(storage, unmark)
+
+
+@dataclass(frozen=True)
+class StepPeak:
+    tokens: int
+    peak: int
+    offload_peak: int
+    marked_at_peak: int
+    hidden: int
+    grads_preset: bool
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        found = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if found:
+            return found
+    except ImportError:
+        pass
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def prepare(model: nn.Module, checkpointing: bool = True) -> nn.Module:
+    """Training mode, no cache, activation checkpointing on (transformers' default: non-reentrant)."""
+    model.train()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    if checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable()")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            enable()
+    return model
+
+
+class _Building:
+    """While counting a step: what fxtile allocates while it builds a call signature's graph (on its first
+    call) is not counted. A real run builds once, in its first step, and what stays is meta-device templates
+    (``passes/cut.py: meta_template``: a meta copy of each weight a region reads, the size of the tied
+    embedding for the loss region) that hold no device memory; on the meta device they look like any other
+    storage and, kept by the region, stayed live through the whole step."""
+
+    def __init__(self, counter: "StepBytes") -> None:
+        self.counter = counter
+
+    def __enter__(self):
+        from . import percall
+
+        build = self._old = percall.PerCall._build
+        counter = self.counter
+
+        def paused(self, *args, **kwargs):
+            counter.paused += 1
+            try:
+                return build(self, *args, **kwargs)
+            finally:
+                counter.paused -= 1
+
+        percall.PerCall._build = paused
+        return self
+
+    def __exit__(self, *exc):
+        from . import percall
+
+        percall.PerCall._build = self._old
+        return False
+
+
+class _OnMeta:
+    """While planning: no packed-sequence check (it reads values), and sdpa on meta as the flash kernel."""
+
+    def __enter__(self):
+        self._undo = []
+        try:
+            from transformers import masking_utils
+
+            old = masking_utils.find_packed_sequence_indices
+            masking_utils.find_packed_sequence_indices = lambda position_ids: None
+            self._undo.append(lambda: setattr(masking_utils, "find_packed_sequence_indices", old))
+        except (ImportError, AttributeError):
+            pass
+        sdpa = F.scaled_dot_product_attention
+
+        def flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            if query.device.type != "meta" or attn_mask is not None:
+                return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, enable_gqa=enable_gqa)
+            if key.shape[-3] != query.shape[-3]:  # GQA: CUDA's kernels read shared heads; counted as a copy here
+                rep = query.shape[-3] // key.shape[-3]
+                key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, dropout_p, is_causal, attn_mask=None, scale=scale)[0]
+
+        F.scaled_dot_product_attention = flash
+        self._undo.append(lambda: setattr(F, "scaled_dot_product_attention", sdpa))
+        return self
+
+    def __exit__(self, *exc):
+        for undo in reversed(self._undo):
+            undo()
+        return False
+
+
+def step_peak(model: nn.Module, tokens: int, batch: int = 1, grads_preset: bool = True) -> StepPeak:
+    """One training step of ``model`` (meta) at ``batch x tokens`` under :class:`StepBytes`: bytes above the
+    weights (and above the gradients if ``grads_preset``, else the step's new gradients are in the peak)."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    for p in params:
+        p.grad = torch.zeros_like(p) if grads_preset and p.requires_grad else None
+    box: list[StepBytes] = []
+
+    def mark(_module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(hidden, torch.Tensor) and box:
+            box[0].mark(hidden)
+
+    handles = [layer.register_forward_pre_hook(mark, with_kwargs=True) for layer in _layers(model)]
+    try:
+        existing = [*params, *[p.grad for p in params if p.grad is not None], *model.buffers()]
+        with _OnMeta(), StepBytes(existing) as counter, _Building(counter):
+            box.append(counter)
+            ids = torch.zeros((batch, tokens), dtype=torch.long, device=params[0].device)
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.grad = None
+    width = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    dtype = next(p for p in params if p.is_floating_point()).dtype
+    hidden = batch * tokens * width * torch.empty(0, dtype=dtype).element_size()
+    offload = counter.peak_unmarked + (hidden if counter.peak_unmarked < counter.peak else 0)
+    return StepPeak(tokens, counter.peak, min(counter.peak, offload), counter.marked_at_peak, hidden, grads_preset)
+
+
+@dataclass(frozen=True)
+class States:
+    weights: int
+    grads: int
+    optimizer: int
+    gathered: int
+    host: int
+
+    @property
+    def device(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.gathered
+
+
+def states(model: nn.Module, optimizer: str = "adamw", zero: int = 0, world: int = 1, offload: bool = False) -> States:
+    """Weights (/world under ZeRO-3), grads (/world under ZeRO>=2), optimizer (/world under ZeRO>=1): AdamW 8
+    bytes per parameter (+4 fp32 master for bf16/fp16), SGD the master only, none 0; offload: optimizer on host.
+    ZeRO-3 over >1 ranks also holds one gathered block (the largest decoder layer or embedding)."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = [p for p in params if p.requires_grad]
+    low = any(p.dtype in (torch.float16, torch.bfloat16) for p in trainable)
+    per = {"adamw": 8 + (4 if low else 0), "sgd": 4 if low else 0, "none": 0}[optimizer]
+    w = max(1, world)
+    size = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    opt = sum(p.numel() for p in trainable) * per
+    weights = size // w if zero >= 3 else size
+    grads = grads // w if zero >= 2 else grads
+    opt = opt // w if zero >= 1 else opt
+    gathered = 0
+    if zero >= 3 and w > 1:
+        blocks = [*_layers(model), *[m for m in model.modules() if isinstance(m, nn.Embedding)]]
+        gathered = max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks), default=0)
+    return States(weights, grads, 0 if offload else opt, gathered, opt if offload else 0)
+
+
+def longest(total: Callable[[int], int], budget: int, multiple: int = 1024) -> tuple[int, int]:
+    """Longest multiple of ``multiple`` with ``total(seq) <= budget``, and the evaluations made: a line through
+    two lengths, solved, checked directly (and one multiple beyond); else doubling and bisection."""
+    calls = 0
+
+    def fits(seq: int) -> bool:
+        nonlocal calls
+        calls += 1
+        return total(seq) <= budget
+
+    a, b = multiple, 4 * multiple
+    ta, tb = total(a), total(b)
+    calls += 2
+    if ta > budget:
+        return 0, calls
+    slope = (tb - ta) / (b - a)
+    good, bad = a, None
+    if slope > 0:
+        guess = int((a + (budget - ta) / slope) // multiple * multiple)
+        if guess >= a:
+            if fits(guess):
+                if not fits(guess + multiple):
+                    return guess, calls
+                good = guess + multiple
+            else:
+                bad = guess
+    while bad is None:
+        if good * 2 > 2**31 or not fits(good * 2):
+            bad = good * 2
+        else:
+            good *= 2
+    while bad - good > multiple:
+        mid = (good + bad) // 2 // multiple * multiple
+        if mid <= good:
+            break
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good, calls
+
+
+@dataclass
+class Plan:
+    seq_len: int
+    sp: int
+    offload: bool
+    states: States
+    budget: int
+    rows: dict = field(default_factory=dict)  # name -> (activation bytes, device total, longest seq)
+    evaluations: int = 0
+    assumptions: list = field(default_factory=list)
+
+
+def plan_step(model: nn.Module, seq_len: int, budget: int, *, batch: int = 1, sp: int = 1, offload: bool = False,
+              zero: int = 0, world: int = 1, optimizer: str = "adamw", checkpointing: bool = True,
+              shards="auto", tiled: Optional[nn.Module] = None) -> Plan:
+    """Untiled ``model`` (meta) and ``tiled`` (default: a deep copy after ``fxtile.transform(copy, loss=True)``)."""
+    from .api import transform
+
+    base = prepare(model, checkpointing)
+    if tiled is None:
+        tiled = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transform(tiled, shards=shards, loss=True)
+    tiled = prepare(tiled, checkpointing)
+    st = states(model, optimizer, zero, world, offload)
+    plan = Plan(seq_len, sp, offload, st, budget)
+    for name, m in (("untiled", base), ("fxtile", tiled)):
+        cache: dict = {}
+
+        def act(seq: int, m=m, cache=cache) -> int:
+            if seq not in cache:
+                r = step_peak(m, max(1, seq // sp), batch, grads_preset=True)
+                plan.evaluations += 1
+                cache[seq] = r.offload_peak if offload else r.peak
+            return cache[seq]
+
+        a = act(seq_len)
+        fit, _ = longest(lambda s: st.device + act(s), budget, 1024 * sp)
+        plan.rows[name] = (a, st.device + a, fit)
+    plan.assumptions = [
+        f"activation checkpointing {'on' if checkpointing else 'off'}; step measured on meta at batch {batch} x "
+        f"{seq_len // sp} tokens per rank" + (f" (Ulysses --sp {sp}: seq/sp per rank; all-to-all buffers not "
+                                              "counted)" if sp > 1 else "") + "; sdpa as a flash kernel",
+        f"states: {optimizer}, ZeRO-{zero} over {world} rank(s)"
+        + ("; offload: checkpointed layer inputs and optimizer states on the host" if offload else ""),
+        "not counted: CUDA context, allocator fragmentation, communication buffers (leave a few GiB)",
+    ]
+    return plan
