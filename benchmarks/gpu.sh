@@ -11,6 +11,7 @@
 #   2. mlp        benchmarks/mlp.py, 32K tokens, bf16, Llama-3-8B MLP (H=4096, I=14336) (mlp.txt)
 #      loss       benchmarks/loss.py, 32K tokens, bf16, Llama-3 head (H=4096, V=128256) (loss.txt)
 #   3. step       benchmarks/step.py --seq 8192 16384 32768, if present (step.txt)
+#   4. accumulate benchmarks/accumulate.py: bf16 weight-gradient sums vs fp64, Llama-3-8B MLP (accumulate.txt)
 #
 # Never installs from a registry (the GPU machine reaches none). Peers: DeepSpeed's TiledMLP runs only if
 # deepspeed imports; torch's chunked linear_cross_entropy only if torch has it (2.13+); Liger-Kernel only if
@@ -210,12 +211,15 @@ else
     say "| step | skipped: benchmarks/step.py absent | 0 | step.txt |"
 fi
 
+# --- 4. bf16 weight-gradient sums against fp64 ----------------------------------------------------------------
+part accumulate 45 accumulate.txt "$PY" benchmarks/accumulate.py --device cuda --hidden 4096 --inter 14336 --tokens 8192
+
 fi  # CUDA
 
 # --- the end: what to read first -------------------------------------------------------------------------------
 say ""
 say "total $(($(date +%s) - START)) s of a ${BUDGET} s budget; ${#FAILED[@]} part(s) not ok${FAILED[*]:+: ${FAILED[*]}}"
-for f in test_cuda.txt mlp.txt loss.txt step.txt; do
+for f in test_cuda.txt mlp.txt loss.txt step.txt accumulate.txt; do
     [[ -f $RESULTS/$f ]] || continue
     echo
     echo "===== $f (end)"

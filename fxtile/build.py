@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import memory, selfcheck
+from . import distributed, memory, selfcheck
 from .compare import max_error, tolerance
 from .kernels import experts as bank_kernel
 from .kernels.shards import shard_bounds
@@ -130,12 +130,17 @@ def bank_record(path: str, bank: ExpertsMatch, policy: Optional[ShardPolicy] = N
 # Check, profile, rewrite
 
 
-def _warn_about_hooks(path: str, root: nn.Module, gm: fx.GraphModule, cand: Candidate, prefix: str) -> None:
+def _warn_about_hooks(path: str, root: nn.Module, cand: Candidate, prefix: str, loss: bool) -> None:
     """Hooks on modules *inside* a tiled region cannot run as before (the region runs as one op over
-    shards), so say so instead of dropping them silently."""
+    shards), so say so instead of dropping them silently. ZeRO-3's own hooks on a loss head's projection
+    are not the user's and their work is done another way (:mod:`fxtile.distributed`)."""
     inside = {str(n.target) for n in cand.nodes if n.op == "call_module"}
     inside |= {p for n in cand.nodes for p in module_stack(n) if p != prefix}
-    hooked = sorted(p for p in inside if any(getattr(root.get_submodule(p), h) for h in MODULE_HOOKS))
+
+    def hooked_module(sub: nn.Module) -> bool:
+        return bool(distributed.user_hooks(sub)) if loss else any(getattr(sub, h) for h in MODULE_HOOKS)
+
+    hooked = sorted(p for p in inside if hooked_module(root.get_submodule(p)))
     if hooked:
         def name(p: str) -> str:
             p = p.removeprefix(prefix + ".") if prefix else p
@@ -181,7 +186,7 @@ def tile_graph(
             nodes = ", ".join(n.name for n in cand.nodes)
             skipped.append(Skipped(path, Why.SELF_CHECK, f"{cand.pattern} region {nodes}: {check.detail}", cand.pattern))
             continue
-        _warn_about_hooks(path, root, gm, cand, prefix)
+        _warn_about_hooks(path, root, cand, prefix, loss=tiled.region.loss is not None)
         kept.append((cand, tiled))
         matches.append(record(path, cand, method, policy, check, prefix, tiled))
         regions.append(tiled)

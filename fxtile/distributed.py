@@ -22,6 +22,13 @@ as an "external parameter" of the running module. That getter is skipped while `
 traces (``torch.compiler.is_compiling()``), and it is an implementation detail; the leaf flag is
 DeepSpeed's documented mechanism for blocks that use their children's weights without calling them.
 
+The loss head is the exception: its tiled forward is the causal LM's own, and flagging the whole model
+as a leaf would gather every weight at once. Its projection weight (``lm_head.weight``) is read in the
+model's forward, so it is that fallback that gathers it under the engine's forward (the model's
+pre-backward hook gathers it again for the recompute; the ZeRO-3 tests in ``tests/test_alst.py`` are
+exact with every parameter partitioned). ZeRO-3's gathering hooks on ``lm_head`` then have nothing left
+to do, so they are not reported as hooks that stop running (:func:`user_hooks`).
+
 Order: DeepSpeed lays out its hooks when it wraps the model, so call ``fxtile.transform`` **before**
 ``deepspeed.initialize`` (or before handing the model to ``Trainer``/``accelerate``), and outside
 ``deepspeed.zero.Init`` (a model built under ``zero.Init``, as ``from_pretrained`` does with a ZeRO-3
@@ -42,10 +49,11 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["mark_zero3_leaf", "unmark_zero3_leaf", "ZERO3_LEAF_FLAG"]
+__all__ = ["mark_zero3_leaf", "unmark_zero3_leaf", "user_hooks", "ZERO3_LEAF_FLAG"]
 
 ZERO3_LEAF_FLAG = "_z3_leaf"  # deepspeed.utils.z3_leaf_module reads exactly this attribute
 _SET_BY_FXTILE = "_fxtile_set_z3_leaf"  # set only when fxtile (not the user) turned the flag on
+_CALLABLE_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
 def mark_zero3_leaf(module: nn.Module) -> None:
@@ -71,3 +79,14 @@ def unmark_zero3_leaf(module: nn.Module) -> None:
         return
     del module.__dict__[_SET_BY_FXTILE]
     del module.__dict__[ZERO3_LEAF_FLAG]
+
+
+def user_hooks(module: nn.Module) -> list:
+    """``module``'s own hooks, less DeepSpeed's on a module whose parameters ZeRO-3 partitions (its
+    gathering hooks, some wrapped by its NVTX decorator: hence the package, not one function's name).
+    The other per-instance hook dicts only hold flags for these."""
+    zero3 = any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))
+    return [
+        hook for hooks in _CALLABLE_HOOKS for hook in getattr(module, hooks).values()
+        if not (zero3 and str(getattr(hook, "__module__", "")).startswith("deepspeed."))
+    ]

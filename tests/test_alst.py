@@ -53,9 +53,6 @@ needs_ulysses = pytest.mark.skipif(not HAS_ULYSSES, reason="DeepSpeed with Ulyss
 LAUNCH_TIMEOUT = 180  # seconds for one torchrun launch (about 20 s when idle)
 MLPS = [f"model.layers.{i}.mlp" for i in range(worker.common.CONFIG["num_hidden_layers"])]
 EXACT = [name for name, job in worker.JOBS.items() if job.combine == "tokens"]
-# Under ZeRO-3 DeepSpeed installs its own hooks on lm_head; the tiled loss reads lm_head.weight without
-# calling it, so fxtile says its hooks do not run (the weight is gathered all the same: the step is exact).
-ZERO3_HEAD_HOOKS = "fxtile: lm_head inside a tiled region has module hooks"
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +109,7 @@ def test_alst_step_matches_single_process_untiled_step(launch, job):
     expected = {m: (calls, calls * worker.SHARDS, 1, worker.SHARDS) for m in MLPS} | {"": (1, worker.SHARDS, 1, 0)}
     assert worker.SHARDS > 1
     assert r["shard_counts"] == [expected] * worker.SP, r["shard_counts"]
-    for said in r["warnings"]:
-        assert all(spec.stage in (3, "accelerate") and w.startswith(ZERO3_HEAD_HOOKS) for w in said), said
+    assert r["warnings"] == [[]] * worker.SP, "no fxtile warning on any rank (ZeRO-3's own hooks on lm_head included)"
 
     reference, ref_loss = _reference(r)
     assert r["loss"] == pytest.approx(ref_loss, rel=RTOL, abs=ATOL), "the logged loss is the sequence's mean token loss"

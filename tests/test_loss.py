@@ -155,6 +155,17 @@ def test_a_training_call_without_labels_that_returns_long_logits_says_to_pass_th
         other.eval()(input_ids=ids)  # evaluation
 
 
+def test_a_users_hook_on_the_head_projection_is_reported():
+    """The tiled loss reads ``lm_head.weight`` without calling ``lm_head``: a hook the user put there stops
+    running, and fxtile says so when it builds the tiled loss (ZeRO-3's own gathering hooks are not
+    reported: their work is done another way, see tests/test_alst.py)."""
+    model = _lm("llama")
+    model.lm_head.register_forward_hook(lambda *a: None)
+    ids = torch.randint(0, V, (2, 16))
+    with pytest.warns(UserWarning, match=r"lm_head inside a tiled region has module hooks"):
+        fxtile.transform(model, shards=2, loss=True)(input_ids=ids, labels=ids)
+
+
 def test_bf16_weights_keep_the_fp32_logits_math():
     """Tolerance, justified: bf16 logits and gradient matmuls round as in the untouched model, the weight
     gradient sums over shards in fp32 in another order: the bar is the untiled model's own error
