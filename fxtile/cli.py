@@ -33,6 +33,7 @@ from torch import nn
 from . import __version__, tiny
 from .api import Matches, find, transform
 from .estimate import MlpMemory, mlp_memory, total_peak
+from .passes.experts import TOP_K_NAMES
 from .policy import as_policy
 from .tiny import exactness
 
@@ -247,7 +248,7 @@ _SIZES = (  # what the report says it planned for: (label, config fields in orde
     ("hidden", ("hidden_size", "n_embd", "d_model")), ("intermediate", ("intermediate_size", "n_inner", "ffn_dim")),
     ("expert intermediate", ("moe_intermediate_size", "expert_intermediate_size")),
     ("experts", ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")),
-    ("top-k", ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token")),
+    ("top-k", TOP_K_NAMES),
     ("vocab", ("vocab_size",)), ("layers", ("num_hidden_layers", "n_layer", "num_layers")),
 )
 

@@ -213,10 +213,6 @@ def _terms(raw: dict[tuple, float], a: float) -> dict[str, float]:
     return terms
 
 
-def _measure(region: Region, live: Sequence[torch.Tensor], modes: Sequence[bool], device, a: int) -> dict[str, float]:
-    return _terms(_raw(region, live, modes, device, a), a)
-
-
 def profile_of(terms: dict[str, float]) -> MemoryProfile:
     return MemoryProfile(
         untiled_fixed=max(0.0, terms["untiled_fixed"]), untiled_per_row=terms["untiled_per_row"],
@@ -246,7 +242,8 @@ def profile(region: Region, live: Sequence[torch.Tensor], modes: Sequence[bool])
     if not any(t.is_floating_point() for t in live):
         return "not profiled: it reads no floating tensor"
     try:
-        terms = _measure(region, live, modes, device, META_ROWS if on_meta else _bank_rows(region))
+        a = META_ROWS if on_meta else _bank_rows(region)
+        terms = _terms(_raw(region, live, modes, device, a), a)
     except Exception as exc:  # noqa: BLE001 - code that cannot replay (a leaf without meta kernels) is not profiled
         return _failed(exc)
     return profile_of(terms)
@@ -274,13 +271,9 @@ def _small_region(region: Region, live: Sequence[torch.Tensor], factor: int, sca
     (the hypothesis at the same place in its list), the same routed inputs (experts, top-k)."""
     import dataclasses
 
-    from .passes.experts import ExpertsMatch, bank_region, match_experts, shrunk_bank
+    from .passes.experts import shrunk_region
 
-    small = shrunk_bank(region.template, factor, scale, dtype)
-    found = match_experts(small)
-    if not isinstance(found, ExpertsMatch):
-        raise RuntimeError(f"its small instance was refused: {found}")
-    spec = bank_region(small, found, region.label)
+    small, _, spec = shrunk_region(region.template, region.label, factor, scale, dtype)
     plan = None
     if region.fast is not None:
         plan = spec.hypotheses[region.spec.hypotheses.index(region.fast)]
@@ -332,7 +325,7 @@ def scaled(region: Region, live: Sequence[torch.Tensor], rows: int,
 
 
 def bank_terms(region: Region, live: Sequence[torch.Tensor], modes: Sequence[bool]) -> Union[dict[str, float], str]:
-    """:func:`_measure`'s terms for an expert bank at its full widths, without its weights (:func:`scaled`),
+    """:func:`_terms` for an expert bank at its full widths, without its weights (:func:`scaled`),
     fitted at ``BANK_ROWS`` and twice as many rows: about where tiling a bank starts to pay (``E x H / k``
     tokens for Mixtral-sized banks: see the shard policy)."""
     from .passes.experts import shrink_factor

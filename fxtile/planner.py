@@ -219,7 +219,7 @@ class _OnMeta:
 def step_peak(model: nn.Module, tokens: int, batch: int = 1, grads_preset: bool = True) -> StepPeak:
     """One training step of ``model`` (meta) at ``batch x tokens`` under :class:`StepBytes`: bytes above the
     weights (and above the gradients if ``grads_preset``, else the step's new gradients are in the peak)."""
-    params = list({id(p): p for p in model.parameters()}.values())
+    params = list(model.parameters())  # each shared (tied) parameter once
     for p in params:
         p.grad = torch.zeros_like(p) if grads_preset and p.requires_grad else None
     box: list[StepBytes] = []
@@ -265,7 +265,7 @@ def states(model: nn.Module, optimizer: str = "adamw", zero: int = 0, world: int
     """Weights (/world under ZeRO-3), grads (/world under ZeRO>=2), optimizer (/world under ZeRO>=1): AdamW 8
     bytes per parameter (+4 fp32 master for bf16/fp16), SGD the master only, none 0; offload: optimizer on host.
     ZeRO-3 over >1 ranks also holds one gathered block (the largest decoder layer or embedding)."""
-    params = list({id(p): p for p in model.parameters()}.values())
+    params = list(model.parameters())  # each shared (tied) parameter once
     trainable = [p for p in params if p.requires_grad]
     low = any(p.dtype in (torch.float16, torch.bfloat16) for p in trainable)
     per = {"adamw": 8 + (4 if low else 0), "sgd": 4 if low else 0, "none": 0}[optimizer]

@@ -96,13 +96,13 @@ class ShardPolicy:
             raise ValueError(f"shards must be a positive int, 'auto' or a ShardPolicy, got {self.shards!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
             raise ValueError(f"ShardPolicy.min_tokens must be a positive int, got {self.min_tokens!r}")
-        if not isinstance(self.budget, (int, float)) or isinstance(self.budget, bool) or not self.budget > 0:
-            raise ValueError(f"ShardPolicy.budget must be a positive number, got {self.budget!r}")
+        for name in ("budget", "loss_budget"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"ShardPolicy.{name} must be a positive number, got {value!r}")
         if self.accumulate not in ACCUMULATE:
             raise ValueError(f"ShardPolicy.accumulate must be one of {', '.join(map(repr, ACCUMULATE))}, "
                              f"got {self.accumulate!r}")
-        if not isinstance(self.loss_budget, (int, float)) or isinstance(self.loss_budget, bool) or not self.loss_budget > 0:
-            raise ValueError(f"ShardPolicy.loss_budget must be a positive number, got {self.loss_budget!r}")
         if not isinstance(self.min_saving, (int, float)) or isinstance(self.min_saving, bool) or not 0 <= self.min_saving < 1:
             raise ValueError(f"ShardPolicy.min_saving must be a number in [0, 1), got {self.min_saving!r}")
 

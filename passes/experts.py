@@ -44,12 +44,13 @@ from .modes import preserved_modes
 from .plans import bank_hypotheses
 from .trace import first_line, graph_module
 
-__all__ = ["ExpertsMatch", "bank_region", "bank_widths", "experts_forward", "looks_like_experts", "match_experts",
-           "probe_inputs", "shrink_factor", "shrunk_bank", "top_k"]
+__all__ = ["TOP_K_NAMES", "ExpertsMatch", "bank_region", "bank_widths", "experts_forward", "looks_like_experts", "match_experts",
+           "probe_inputs", "shrink_factor", "shrunk_bank", "shrunk_region", "top_k"]
 
 _PROBE_ROWS = (3, 4)  # two uneven pieces of 7 probe rows
 SHRUNK_WIDTH = 16  # a shrunk bank's narrowest width is at least this (where the bank's own widths allow it)
-_TOP_K_NAMES = ("num_experts_per_tok", "top_k", "moe_topk", "num_experts_per_token", "moe_k", "experts_per_token")
+TOP_K_NAMES = (  # where a bank or its config states experts per token, in order of preference
+    "num_experts_per_tok", "top_k", "moe_topk", "num_experts_per_token", "moe_k", "experts_per_token")
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def top_k(module: nn.Module, experts: int) -> Optional[int]:
     """Experts per token where the bank or its ``config`` says (transformers' banks keep the model config),
     else None. A bank never sees its router, so this is the only place it is written."""
     for owner in (module, getattr(module, "config", None)):
-        for name in _TOP_K_NAMES:
+        for name in TOP_K_NAMES:
             value = getattr(owner, name, None) if owner is not None else None
             if isinstance(value, int) and not isinstance(value, bool) and 1 <= value:
                 return min(value, experts)
@@ -164,6 +165,17 @@ def shrunk_bank(module: nn.Module, factor: int, scale: int = 1, dtype: Optional[
             if type(value) is int and value in widths and value != experts:
                 setattr(sub, name, width(value))
     return small
+
+
+def shrunk_region(module: nn.Module, label: str, factor: int, scale: int = 1,
+                  dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, ExpertsMatch, RegionSpec]:
+    """:func:`shrunk_bank` matched and cut as its region: what planning on the meta device probes and
+    replays in the bank's place. Raises if the small instance is refused."""
+    small = shrunk_bank(module, factor, scale, dtype)
+    found = match_experts(small)
+    if not isinstance(found, ExpertsMatch):
+        raise RuntimeError(f"its small instance was refused: {found}")
+    return small, found, bank_region(small, found, label)
 
 
 def probe_inputs(experts: int, hidden: int, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_common as common  # noqa: E402  (tests/dist/dist_common.py: the tiny model's config, LR, DeepSpeed config)
+from worker import record_outcome  # noqa: E402  (tests/dist/worker.py: how a job's result or errors are written)
 
 import fxtile  # noqa: E402
 import fxtile.testing  # noqa: E402
@@ -336,16 +337,7 @@ def main() -> None:
             result, error = run_job(job, mpu, world), ""
         except Exception:  # noqa: BLE001 - recorded for the test to show
             result, error = None, traceback.format_exc()
-        errors: list[str] = [""] * world
-        dist.all_gather_object(errors, error)  # hangs (and times out) only if a rank is stuck elsewhere
-        if rank == 0:
-            stem = os.path.join(args.out, name)
-            if any(errors):
-                with open(stem + ".err", "w") as f:
-                    f.write("\n".join(f"[rank {r}]\n{e}" for r, e in enumerate(errors) if e))
-            else:
-                torch.save(result, stem + ".pt")
-        status = "FAILED" if any(errors) else "done"
+        status = record_outcome(os.path.join(args.out, name), result, error, rank, world)
         print(f"[rank {rank}] {name} {status} in {time.perf_counter() - start:.1f}s", flush=True)
     dist.barrier()
     dist.destroy_process_group()

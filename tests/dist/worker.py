@@ -190,6 +190,20 @@ def run_case(setup: str, case: common.Case, rank: int, world: int) -> dict:
     }
 
 
+def record_outcome(stem: str, result, error: str, rank: int, world: int) -> str:
+    """After a job on every rank: rank 0 writes ``stem.pt`` (its result) or, if any rank failed,
+    ``stem.err`` (every failing rank's traceback) for the test to show. Returns "done" or "FAILED"."""
+    errors: list[str] = [""] * world
+    dist.all_gather_object(errors, error)  # hangs (and times out) only if a rank is stuck elsewhere
+    if rank == 0:
+        if any(errors):
+            with open(stem + ".err", "w") as f:
+                f.write("\n".join(f"[rank {r}]\n{e}" for r, e in enumerate(errors) if e))
+        else:
+            torch.save(result, stem + ".pt")
+    return "FAILED" if any(errors) else "done"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -217,18 +231,9 @@ def main() -> None:
         start = time.perf_counter()
         try:
             result, error = run_case(setup, common.CASES[name], rank, world), ""
-        except Exception:  # noqa: BLE001 - recorded for the test to show, see below
+        except Exception:  # noqa: BLE001 - recorded for the test to show (record_outcome)
             result, error = None, traceback.format_exc()
-        errors: list[str] = [""] * world
-        dist.all_gather_object(errors, error)  # hangs (and times out) only if a rank is stuck elsewhere
-        if rank == 0:
-            stem = os.path.join(args.out, f"{setup}-{name}")
-            if any(errors):
-                with open(stem + ".err", "w") as f:
-                    f.write("\n".join(f"[rank {r}]\n{e}" for r, e in enumerate(errors) if e))
-            else:
-                torch.save(result, stem + ".pt")
-        status = "FAILED" if any(errors) else "done"
+        status = record_outcome(os.path.join(args.out, f"{setup}-{name}"), result, error, rank, world)
         print(f"[rank {rank}] {setup}:{name} {status} in {time.perf_counter() - start:.1f}s", flush=True)
     dist.barrier()
     dist.destroy_process_group()
