@@ -29,7 +29,7 @@ from .compare import max_error, tolerance
 from .kernels import experts as bank_kernel
 from .kernels.shards import shard_bounds
 from .passes.candidate import Candidate
-from .passes.cut import MODULE_HOOKS, RegionSpec, cut_region
+from .passes.cut import RegionSpec, cut_region
 from .passes.experts import ExpertsMatch, bank_region, experts_forward, probe_inputs
 from .passes.modes import preserved_modes
 from .passes.rewrite import rewrite
@@ -130,17 +130,13 @@ def bank_record(path: str, bank: ExpertsMatch, policy: Optional[ShardPolicy] = N
 # Check, profile, rewrite
 
 
-def _warn_about_hooks(path: str, root: nn.Module, cand: Candidate, prefix: str, loss: bool) -> None:
+def _warn_about_hooks(path: str, root: nn.Module, cand: Candidate, prefix: str) -> None:
     """Hooks on modules *inside* a tiled region cannot run as before (the region runs as one op over
-    shards), so say so instead of dropping them silently. ZeRO-3's own hooks on a loss head's projection
-    are not the user's and their work is done another way (:mod:`fxtile.distributed`)."""
+    shards), so say so instead of dropping them silently. ZeRO-3's own gathering hooks are not the user's
+    and their work is done another way (:mod:`fxtile.distributed`)."""
     inside = {str(n.target) for n in cand.nodes if n.op == "call_module"}
     inside |= {p for n in cand.nodes for p in module_stack(n) if p != prefix}
-
-    def hooked_module(sub: nn.Module) -> bool:
-        return bool(distributed.user_hooks(sub)) if loss else any(getattr(sub, h) for h in MODULE_HOOKS)
-
-    hooked = sorted(p for p in inside if hooked_module(root.get_submodule(p)))
+    hooked = sorted(p for p in inside if distributed.user_hooks(root.get_submodule(p)))
     if hooked:
         def name(p: str) -> str:
             p = p.removeprefix(prefix + ".") if prefix else p
@@ -186,7 +182,7 @@ def tile_graph(
             nodes = ", ".join(n.name for n in cand.nodes)
             skipped.append(Skipped(path, Why.SELF_CHECK, f"{cand.pattern} region {nodes}: {check.detail}", cand.pattern))
             continue
-        _warn_about_hooks(path, root, cand, prefix, loss=tiled.region.loss is not None)
+        _warn_about_hooks(path, root, cand, prefix)
         kept.append((cand, tiled))
         matches.append(record(path, cand, method, policy, check, prefix, tiled))
         regions.append(tiled)
@@ -237,16 +233,12 @@ def _bank_plan_on_meta(module: nn.Module, spec: RegionSpec):
     every width divided by one factor, as its row-independence probe ran: ``passes.experts``). Its
     hypotheses come out in the same order, as they follow equalities between widths, which a common
     factor keeps."""
-    from .passes.experts import match_experts, shrink_factor, shrunk_bank
+    from .passes.experts import shrink_factor, shrunk_region
 
     try:
-        small = shrunk_bank(module, shrink_factor(module))
-        found = match_experts(small)
+        small, found, small_spec = shrunk_region(module, spec.label, shrink_factor(module))
     except Exception:  # noqa: BLE001 - the matcher built and ran the same instance; the generic kernel stays
         return None
-    if not isinstance(found, ExpertsMatch):
-        return None
-    small_spec = bank_region(small, found, spec.label)
     plan = bank_plan(small, small_spec, found)
     if plan is None or len(small_spec.hypotheses) != len(spec.hypotheses):
         return None

@@ -22,12 +22,13 @@ as an "external parameter" of the running module. That getter is skipped while `
 traces (``torch.compiler.is_compiling()``), and it is an implementation detail; the leaf flag is
 DeepSpeed's documented mechanism for blocks that use their children's weights without calling them.
 
-The loss head is the exception: its tiled forward is the causal LM's own, and flagging the whole model
-as a leaf would gather every weight at once. Its projection weight (``lm_head.weight``) is read in the
-model's forward, so it is that fallback that gathers it under the engine's forward (the model's
-pre-backward hook gathers it again for the recompute; the ZeRO-3 tests in ``tests/test_alst.py`` are
-exact with every parameter partitioned). ZeRO-3's gathering hooks on ``lm_head`` then have nothing left
-to do, so they are not reported as hooks that stop running (:func:`user_hooks`).
+Where no leaf flag can serve, that fallback is what gathers the weights under the engine's forward (and
+the running module's pre-backward hook gathers them again for the recompute): the loss head, whose tiled
+forward is the causal LM's own (flagging the whole model as a leaf would gather every weight at once),
+and a block tiled after ``deepspeed.initialize``. Both are exact with every parameter partitioned
+(``tests/test_alst.py``, ``tests/test_distributed.py``). ZeRO-3's gathering hooks on the modules inside
+such a region then have nothing left to do, so they are not reported as hooks that stop running
+(:func:`user_hooks`).
 
 Order: DeepSpeed lays out its hooks when it wraps the model, so call ``fxtile.transform`` **before**
 ``deepspeed.initialize`` (or before handing the model to ``Trainer``/``accelerate``), and outside
@@ -82,10 +83,11 @@ def unmark_zero3_leaf(module: nn.Module) -> None:
 
 
 def user_hooks(module: nn.Module) -> list:
-    """``module``'s own hooks, less DeepSpeed's on a module whose parameters ZeRO-3 partitions (its
-    gathering hooks, some wrapped by its NVTX decorator: hence the package, not one function's name).
-    The other per-instance hook dicts only hold flags for these."""
-    zero3 = any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))
+    """``module``'s own hooks, less DeepSpeed's on a module ZeRO-3 has wrapped (it numbers each one,
+    ``ds_id``, parameterless ones included, and lays its gathering hooks on it, some wrapped by its NVTX
+    decorator: hence the package, not one function's name). The other per-instance hook dicts only hold
+    flags for these."""
+    zero3 = hasattr(module, "ds_id")
     return [
         hook for hooks in _CALLABLE_HOOKS for hook in getattr(module, hooks).values()
         if not (zero3 and str(getattr(hook, "__module__", "")).startswith("deepspeed."))

@@ -155,7 +155,10 @@ SETUPS: dict[str, Callable[[common.Case], Trained]] = {
 
 
 def run_case(setup: str, case: common.Case, rank: int, world: int) -> dict:
-    trained = SETUPS[setup](case)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trained = SETUPS[setup](case)
+    said_at_setup = [str(w.message) for w in caught if str(w.message).startswith("fxtile")]
     tiled = sorted(m.path for m in fxtile.find(trained.module) if m.tiled)
     in_tiled = lambda name: any(_clean(name).startswith(path + ".") for path in tiled)  # noqa: E731
     # What each rank holds of the tiled blocks' weights between steps (less than the full tensor when
@@ -184,7 +187,7 @@ def run_case(setup: str, case: common.Case, rank: int, world: int) -> dict:
     dist.all_gather_object(all_said, said)
     return {
         "before": before, "after": after, "batches": [common.batch(case, r) for r in range(world)],
-        "shard_counts": all_counts, "warnings": all_said,
+        "shard_counts": all_counts, "warnings": all_said, "setup_warnings": said_at_setup,
         "tiled": tiled, "visible_numel": visible, "leaf_params": leaf_params,
         "z3_leaf": sorted(_clean(n) for n, m in trained.module.named_modules() if getattr(m, "_z3_leaf", False)),
     }
