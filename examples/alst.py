@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import fxtile
 import fxtile.testing
+from fxtile.noise import quiet_library_noise
 
 TINY = dict(
     hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--offload", action="store_true", help="offload checkpointed activations (needs an accelerator)")
     args = parser.parse_args()
+    quiet_library_noise()
 
     import deepspeed
     import transformers as T

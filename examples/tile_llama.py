@@ -1,6 +1,8 @@
 """Tile a tiny random Llama with fxtile and show what was tiled and the activation memory saved.
 
-Runs on CPU in seconds, downloads nothing:  python examples/tile_llama.py [--seq-len 4096]
+Runs on CPU and downloads nothing:  python examples/tile_llama.py [--seq-len 4096]
+On a 2-core CPU it takes about 30 s at the default 4096 tokens (the two training steps, untiled and tiled,
+are 19 s of it) and about 16 s with ``--seq-len 1024``.
 
 Every MLP and the output projection with its loss are tiled (``fxtile.transform(model, loss=True)``),
 then one training step (``model(input_ids=ids, labels=ids).loss.backward()``) runs untiled and tiled.
@@ -19,6 +21,7 @@ import transformers as T
 
 import fxtile
 import fxtile.testing
+from fxtile.noise import quiet_library_noise
 
 
 def training_step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--shards", default="auto", help="'auto' or a positive int")
     args = parser.parse_args()
     shards = args.shards if args.shards == "auto" else int(args.shards)
+    quiet_library_noise()  # torchao's CPU-only import noise: not this example's
 
     torch.manual_seed(0)
     config = T.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,

@@ -24,7 +24,7 @@ from torch import nn
 from . import distributed
 from .blocks import KINDS, Context, Declined, Planned
 from .build import CHECK_REFUSALS, STATE, TileState
-from .passes.experts import looks_like_experts
+from .passes.experts import looks_like_experts, meta_probes_once
 from .passes.loss_head import LOSS_PATTERNS
 from .passes.patterns import MLP_PATTERNS, Pattern
 from .passes.trace import is_linear_like, linear_dims
@@ -251,7 +251,8 @@ def find(model: nn.Module, *, filter_fn: Optional[FilterFn] = None, loss: bool =
     if last is not None and last.arguments == (filter_fn, loss) and last.installed == _installed_ids(model):
         return Matches(list(last.matches), list(last.matches.skipped))
     walk = _Walk(filter_fn, patterns)
-    walk.visit("", model)
+    with meta_probes_once():
+        walk.visit("", model)
     return _matches(walk)
 
 
@@ -315,13 +316,14 @@ def transform(
     refused: list[tuple[nn.Module, list[Skipped]]] = []
     checked: dict = {}  # self-check verdicts and memory profiles by region structure: identical layers once
     try:
-        walk.visit("", model)
-        for planned in walk.planned:  # build every block before installing any
-            result = planned.build(policy, verify, checked)
-            if result.state is not None:
-                built.append((planned.module, result.state))
-            walk.skipped += result.refused
-            refused.append((planned.module, result.refused))
+        with meta_probes_once():  # 32 banks of one structure on meta: probed once
+            walk.visit("", model)
+            for planned in walk.planned:  # build every block before installing any
+                result = planned.build(policy, verify, checked)
+                if result.state is not None:
+                    built.append((planned.module, result.state))
+                walk.skipped += result.refused
+                refused.append((planned.module, result.refused))
     except BaseException:  # never half-rewritten: put back the tilings a re-tile had taken off
         for module, state in walk.retiled:
             _install(module, state)
@@ -342,12 +344,30 @@ def transform(
     for skip in report.skipped:
         logger.info("fxtile: not tiling %s: %s", skip.path or type(model).__name__, skip.reason)
     if not walk.installed:
-        warnings.warn(
-            f"fxtile.transform found no MLP to tile in {type(model).__name__}; "
-            "see fxtile.find(model).skipped for the blocks it looked at and why",
-            stacklevel=2,
-        )
+        warnings.warn(_nothing_tiled(model, report.skipped, filter_fn, loss), stacklevel=2)
     return model
+
+
+def _nothing_tiled(model: nn.Module, skipped: list[Skipped], filter_fn: Optional[FilterFn], loss: bool) -> str:
+    """What ``transform`` says when it tiled nothing: how much it looked at and, when ``find(...).skipped``
+    lists blocks, how many and the first one's reason (pointing to an empty list would send the user nowhere)."""
+    looked = sum(1 for _ in model.modules())
+    found = f"fxtile.transform found no MLP to tile in {type(model).__name__} ({looked} module{'s' * (looked > 1)}"
+    found += " looked at"
+    if skipped:
+        arguments = (", filter_fn=filter_fn" if filter_fn is not None else "") + (", loss=True" if loss else "")
+        call = f"fxtile.find(model{arguments})"
+        first = f"{skipped[0].path or '(root)'}: {skipped[0].reason}"
+        if len(skipped) == 1:
+            return f"{found}); 1 block looks like one and was left as it is ({first}); {call}.skipped lists it"
+        return (f"{found}); {len(skipped)} blocks look like one and were left as they are (the first, {first}); "
+                f"{call}.skipped lists each with its reason")
+    shapes = "a projection widening the hidden size and one narrowing it back, or stacked 3-D expert weights"
+    if loss:
+        return (f"{found}, none with the shape of an MLP or expert bank ({shapes}), nor of a loss head (a projection "
+                "to logits and its cross-entropy)); the model is unchanged")
+    return (f"{found}, none with the shape of an MLP or expert bank ({shapes})); the model is unchanged; loss=True "
+            "also looks for a loss head")
 
 
 def restore(model: nn.Module) -> nn.Module:

@@ -30,7 +30,8 @@ from .kernels import experts as bank_kernel
 from .kernels.shards import shard_bounds
 from .passes.candidate import Candidate
 from .passes.cut import RegionSpec, cut_region
-from .passes.experts import ExpertsMatch, bank_region, experts_forward, probe_inputs
+from .passes.experts import (ExpertsMatch, bank_region, experts_forward, once_per_structure, probe_inputs, shrink_factor,
+                             shrunk_region)
 from .passes.modes import preserved_modes
 from .passes.rewrite import rewrite
 from .passes.trace import get_path, module_stack
@@ -176,7 +177,7 @@ def tile_graph(
     wrapper such as FSDP's swaps its parameters for views mid-forward)."""
     matches, regions, skipped, kept = [], [], [], []
     for i, cand in enumerate(candidates):
-        tiled = tiled_callable(cut_region(gm, cand, f"{cand.pattern}_{i}"), policy)
+        tiled = tiled_callable(cut_region(gm, cand, f"{cand.pattern}_{i}"), policy, path)
         check = check_and_profile(tiled, root, verify, checked)
         if check.passed is False:
             nodes = ", ".join(n.name for n in cand.nodes)
@@ -233,22 +234,24 @@ def _bank_plan_on_meta(module: nn.Module, spec: RegionSpec):
     every width divided by one factor, as its row-independence probe ran: ``passes.experts``). Its
     hypotheses come out in the same order, as they follow equalities between widths, which a common
     factor keeps."""
-    from .passes.experts import shrink_factor, shrunk_region
+    def which() -> Optional[int]:  # the index of the hypothesis the small instance reproduces
+        try:
+            small, found, small_spec = shrunk_region(module, spec.label, shrink_factor(module))
+        except Exception:  # noqa: BLE001 - the matcher built and ran the same instance; the generic kernel stays
+            return None
+        plan = bank_plan(small, small_spec, found)
+        if plan is None or len(small_spec.hypotheses) != len(spec.hypotheses):
+            return None
+        return small_spec.hypotheses.index(plan)
 
-    try:
-        small, found, small_spec = shrunk_region(module, spec.label, shrink_factor(module))
-    except Exception:  # noqa: BLE001 - the matcher built and ran the same instance; the generic kernel stays
-        return None
-    plan = bank_plan(small, small_spec, found)
-    if plan is None or len(small_spec.hypotheses) != len(spec.hypotheses):
-        return None
-    return spec.hypotheses[small_spec.hypotheses.index(plan)]
+    index = once_per_structure("plan", module, which)
+    return None if index is None else spec.hypotheses[index]
 
 
 def build_bank(path: str, module: nn.Module, bank: ExpertsMatch, policy: ShardPolicy, verify: bool,
                checked: dict) -> Built:
     spec = bank_region(module, bank, "routed_experts_0")
-    tiled = TiledRegion(Region(dataclasses.replace(spec, plan=bank_plan(module, spec, bank))), policy)
+    tiled = TiledRegion(Region(dataclasses.replace(spec, plan=bank_plan(module, spec, bank))), policy, path)
     check = check_and_profile(tiled, module, verify, checked)
     if check.passed is False:
         return Built(None, [Skipped(path, Why.SELF_CHECK, f"expert bank: {check.detail}", "routed_experts")])

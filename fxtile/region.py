@@ -10,6 +10,12 @@ there), so it is freed with the model that owns it.
 ``Region`` and a :class:`~fxtile.ShardPolicy`, flattens the leading dims of its inputs into rows, picks
 the shard count and calls the op (or the region directly when one shard is enough). :class:`TiledLoss`
 does the same for a projection and its cross-entropy; :func:`tiled` picks the class a plan needs.
+
+A call whose input has another dtype or device than the region's weights never enters the op
+(:meth:`TiledRegion.mismatched`): there it would fail dozens of frames deep in ``torch._library`` and
+dynamo. It runs the region untiled instead, as the untouched model would: it raises at the call, the
+untiled region's own error with the region's name, or, where the region casts its input itself, returns
+what the untouched region returns (and says once that the call ran untiled).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch.func import functional_call
 from . import op
 from .passes.cut import RegionSpec
 from .passes.plans import LossPlan
+from .passes.specialize import ROOT
 from .policy import CallPlan, MemoryProfile, ShardPolicy, Thresholds
 
 __all__ = ["Region", "TiledLoss", "TiledRegion", "python_state", "tiled"]
@@ -104,11 +111,13 @@ class TiledRegion:
     (it holds structure only: modules and tensors are arguments of each call).
     """
 
-    def __init__(self, region: Region, policy: ShardPolicy) -> None:
+    def __init__(self, region: Region, policy: ShardPolicy, path: Optional[str] = None) -> None:
         self.region, self.policy = region, policy
         self._tiled_states = tuple(python_state(region.template.get_submodule(p)) for p in region.module_paths)
         self.thresholds: Optional[Thresholds] = None  # set with the region's profile (set_profile)
         self.itemsize = 4  # bytes per element of its weights (set when built): the loss's floor is counted in them
+        self.path = path  # the block it was tiled in, for messages ("" the root; None: not said)
+        self._warned_mismatch = False
         self.__name__ = self.__qualname__ = region.label  # the generated forward calls it fxtile_<label>
         self.__module__ = "fxtile"
 
@@ -180,6 +189,54 @@ class TiledRegion:
                     "before such changes and fxtile.transform(model) after them"
                 )
 
+    def describe(self) -> str:
+        """The region as messages name it: label, block (where known) and the submodules or tensors it reads."""
+        names = ", ".join(n.removeprefix(ROOT + ".") for n in self.region.module_paths or self.region.tensor_paths)
+        block = f" of {self.path}" if self.path else ""  # the model itself, or not said: no block to name
+        return f"tiled region {self.__name__}{block} ({names})"
+
+    @staticmethod
+    def mismatched(x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Optional[tuple[str, str]]:
+        """``(what is wrong, the remedy)`` when ``x`` (the rows the region's first step reads) does not fit
+        the op, else None: another device than the region's weights, or another floating dtype with
+        autocast off, where the weights share one floating dtype and device. Mixed weights (quantized, an
+        fp32 adapter on bf16 layers) and the meta device are left to the op, and so is every call under
+        ``torch.compile`` (the untiled region cannot be tried there: dynamo reports the error itself). Runs
+        on every forward: dtypes and devices compared, nothing computed."""
+        if (torch.compiler.is_compiling() or not tensors or not x.is_floating_point()
+                or x.device.type == "meta"):
+            return None
+        dtype, device = tensors[0].dtype, tensors[0].device
+        if not tensors[0].is_floating_point() or device.type == "meta":
+            return None
+        if any(t.dtype != dtype or t.device != device for t in tensors):
+            return None
+        if x.device != device:
+            return (f"got an input on {x.device}, but its weights are on {device}",
+                    f"move the input with .to({str(device)!r}) or the model with model.to({str(x.device)!r})")
+        if x.dtype != dtype and not op.autocast_dtype_of(x.device):
+            name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+            return (f"got a {name(x.dtype)} input, but its weights are {name(dtype)}",
+                    f"cast the input with .to({dtype}), convert the model with model.to({x.dtype}), or run under "
+                    "torch.autocast")
+        return None
+
+    def run_mismatched(self, mismatch: tuple[str, str], rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
+                       modes: Sequence[bool]) -> torch.Tensor:
+        """The region untiled on an input :meth:`mismatched` refused, as the untouched model runs it: its own
+        error, raised here with the region's name and the remedy (one short traceback instead of the op's),
+        or its result where the region casts the input itself (said once)."""
+        why, remedy = mismatch
+        try:
+            out = self.region.run(rows, tensors, modes)
+        except (RuntimeError, TypeError, ValueError) as exc:  # as the builtin type: subclasses take other arguments
+            kind = next(k for k in (RuntimeError, TypeError, ValueError) if isinstance(exc, k))
+            raise kind(f"fxtile: {self.describe()} {why} (untiled: {exc}); {remedy}") from None
+        if not self._warned_mismatch:
+            self._warned_mismatch = True
+            warnings.warn(f"fxtile: {self.describe()} ran untiled for this call: it {why}", stacklevel=4)
+        return out
+
     @staticmethod
     def live_modes(modules: Sequence[nn.Module]) -> list[bool]:
         """The train/eval modes the call runs its template in: its live modules', in ``Region.moded`` order."""
@@ -203,6 +260,10 @@ class TiledRegion:
         modes = self.live_modes(modules)
         lead = inputs[0].shape[:-1] if self.region.inputs[0].width is not None else inputs[0].shape
         rows = [t.reshape(lead.numel(), *t.shape[len(lead):]) for t in inputs]
+        mismatch = self.mismatched(inputs[0], tensors)
+        if mismatch is not None:
+            out = self.run_mismatched(mismatch, rows, tensors, modes)
+            return out.reshape(*lead, *out.shape[1:])
         plan = self.call_plan(rows[0].shape[0])
         if plan.shards == 1:
             out = self.region.run(rows, tensors, modes)
@@ -240,6 +301,9 @@ class TiledLoss(TiledRegion):
         self._check_modules(modules)
         modes = self.live_modes(modules)
         h, targets = inputs
+        mismatch = self.mismatched(h, tensors)
+        if mismatch is not None:
+            return self.run_mismatched(mismatch, inputs, tensors, modes)
         if not self.region.loss.flattened and h.dim() != 2:
             return self._untiled(f"its logits are {h.dim()}-D and never flattened to rows", inputs, tensors, modes)
         rows = h.reshape(-1, h.shape[-1])
@@ -252,7 +316,8 @@ class TiledLoss(TiledRegion):
         return self.run_tiled(flat, tensors, modes, plan.shards, plan.fp32_sums)
 
 
-def tiled(spec: RegionSpec, policy: ShardPolicy) -> TiledRegion:
-    """The tiled callable for a region: a loss region returns its loss through the loss op."""
+def tiled(spec: RegionSpec, policy: ShardPolicy, path: Optional[str] = None) -> TiledRegion:
+    """The tiled callable for a region of the block at ``path``: a loss region returns its loss through the
+    loss op."""
     region = Region(spec)
-    return (TiledLoss if region.loss is not None else TiledRegion)(region, policy)
+    return (TiledLoss if region.loss is not None else TiledRegion)(region, policy, path)

@@ -29,11 +29,13 @@ that reason.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -44,7 +46,7 @@ from .modes import preserved_modes
 from .plans import bank_hypotheses
 from .trace import first_line, graph_module
 
-__all__ = ["TOP_K_NAMES", "ExpertsMatch", "bank_region", "bank_widths", "experts_forward", "looks_like_experts", "match_experts",
+__all__ = ["TOP_K_NAMES", "meta_probes_once", "once_per_structure", "ExpertsMatch", "bank_region", "bank_widths", "experts_forward", "looks_like_experts", "match_experts",
            "probe_inputs", "shrink_factor", "shrunk_bank", "shrunk_region", "top_k"]
 
 _PROBE_ROWS = (3, 4)  # two uneven pieces of 7 probe rows
@@ -209,6 +211,53 @@ def _probe(module: nn.Module, names: tuple[str, ...], experts: int, hidden: int,
     return None
 
 
+_MEMO: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("fxtile_meta_bank_probes", default=None)
+
+
+@contextlib.contextmanager
+def meta_probes_once() -> Iterator[None]:
+    """Within this context, what is worked out for a bank on the meta device from its small real instance
+    is worked out once per bank structure (:func:`once_per_structure`).
+
+    Why: a model's 32 banks on meta are 32 copies of one structure, and the small instance's probe runs the
+    bank's own code (transformers' ``grouped_mm`` takes about 50 ms a call on CPU, even 16 wide): probing
+    each bank made planning Mixtral take 40 s. Scoped to one ``transform``/``find`` rather than kept in a
+    global table, which would only grow."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _structure(module: nn.Module) -> tuple:
+    """What a meta bank's small instance is built from: its class, parameter names, shapes and dtypes,
+    every submodule's class and plain attributes (the ints :func:`shrunk_bank` shrinks), and the identity
+    of any other object it holds (the model config its forward reads)."""
+    def plain(sub: nn.Module) -> tuple:
+        out = []
+        for k, v in sorted(vars(sub).items()):
+            if k.startswith("_"):
+                continue
+            out.append((k, v) if v is None or type(v) in (int, float, str, bool) else (k, type(v).__name__, id(v)))
+        return tuple(out)
+
+    return (type(module), tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in module.named_parameters()),
+            tuple((n, type(sub), plain(sub)) for n, sub in module.named_modules()))
+
+
+def once_per_structure(what: str, module: nn.Module, work: Callable[[], object]) -> object:
+    """``work()``, or, inside :func:`meta_probes_once` and for a meta bank whose structure was seen,
+    what it returned then."""
+    memo = _MEMO.get()
+    if memo is None or not any(p.device.type == "meta" for p in module.parameters()):
+        return work()
+    key = (what, _structure(module))
+    if key not in memo:
+        memo[key] = work()
+    return memo[key]
+
+
 def match_experts(module: nn.Module) -> ExpertsMatch | str | None:
     """An :class:`ExpertsMatch`, a reason to refuse a bank, or ``None`` if ``module`` is no expert bank."""
     stacked = _stacked(module)
@@ -228,6 +277,13 @@ def match_experts(module: nn.Module) -> ExpertsMatch | str | None:
                 "not (hidden rows, expert ids, routing weights)")
     if any(True for _ in module.buffers()):
         return "it holds buffers, which its forward may update; a recompute would update them again"
+    if three_d[0].device.type == "meta":
+        return once_per_structure("match", module, lambda: _probed(module, experts, three_d, tuple(required)))
+    return _probed(module, experts, three_d, tuple(required))
+
+
+def _probed(module: nn.Module, experts: int, three_d: list, required: tuple[str, ...]) -> ExpertsMatch | str:
+    """The row-independence probe of a bank (of its small real instance where it is on meta)."""
     probed, factor, where = module, 1, ""
     if three_d[0].device.type == "meta":  # probe a small real instance of the same class (module docstring)
         factor = shrink_factor(module)
@@ -240,10 +296,10 @@ def match_experts(module: nn.Module) -> ExpertsMatch | str | None:
     probed_3d = [p for p in probed.parameters(recurse=False) if p.dim() == 3]
     reasons = []
     for hidden in _hidden_candidates(three_d):
-        reason = _probe(probed, tuple(required), experts, hidden // factor, probed_3d[0])
+        reason = _probe(probed, required, experts, hidden // factor, probed_3d[0])
         if reason is None:
             names = tuple(n for n, _ in module.named_parameters())
-            return ExpertsMatch(tuple(required), names, experts, hidden, _intermediate(three_d, hidden), _activation(module),
+            return ExpertsMatch(required, names, experts, hidden, _intermediate(three_d, hidden), _activation(module),
                                 top_k(module, experts) or min(2, experts))
         reasons.append(where + reason)
     return reasons[0] if reasons else "its stacked parameters share no hidden width"

@@ -203,6 +203,18 @@ def _count(sub: Any) -> int:
     return sum(_count(s) for s in sub[2])
 
 
+class _Spec:
+    """Where :class:`_Root` keeps its output's TreeSpec. A copy holds the same spec (it is immutable), not a
+    deep copy of it: deep-copying a TreeSpec warns from inside torch 2.13 ("isinstance(treespec, LeafSpec) is
+    deprecated"), and every deep copy of a tiled model copies its roots."""
+
+    def __init__(self, spec: pytree.TreeSpec | None = None) -> None:
+        self.spec = spec
+
+    def __deepcopy__(self, memo: dict) -> "_Spec":
+        return _Spec(self.spec)
+
+
 class _Root(nn.Module):
     """Calls ``inner``'s forward with the concrete arguments of one spec; its inputs are placeholders."""
 
@@ -211,7 +223,11 @@ class _Root(nn.Module):
         self.inner = inner
         self._forward = forward
         self._layout = layout
-        self.out_spec: pytree.TreeSpec | None = None
+        self._out = _Spec()
+
+    @property
+    def out_spec(self) -> pytree.TreeSpec | None:
+        return self._out.spec
 
     def call(self, values: tuple) -> Any:
         pool = list(values)
@@ -225,7 +241,7 @@ class _Root(nn.Module):
                 args.append(_rebuild(sub, pool))
             else:
                 kwargs[name] = _rebuild(sub, pool)
-        leaves, self.out_spec = pytree.tree_flatten(self._forward(self.inner, *args, **kwargs))
+        leaves, self._out.spec = pytree.tree_flatten(self._forward(self.inner, *args, **kwargs))
         return leaves
 
 

@@ -57,8 +57,8 @@ def test_llama_default_config_plans_32_mlps_at_128k_tokens_in_seconds(capsys, tm
     assert totals["activation_bytes_before"] == 32 * modules[0]["kept_bytes_before"] + head["activation_bytes_before"]
     assert plan["verification"]["passed"] is True and plan["exit_code"] == 0
     text = " ".join(out.split())
-    assert "model.layers.31.mlp" in out and "GiB ->" in out and "Not counted" in text and "exactness: passed" in out
-    assert "checking exactness" in err  # the progress line
+    assert "model.layers.{0..31}.mlp  gated" in out and "GiB ->" in out and "Not counted" in text and "exactness: passed" in out
+    assert "checking exactness" in err and "replaying 33 tiled regions" in err  # the progress lines
 
 
 def test_the_logits_term_at_128k_tokens_with_a_128256_token_vocabulary(capsys, tmp_path):
@@ -91,7 +91,7 @@ def test_a_local_model_directory_is_planned_and_verified(capsys, tmp_path):
     code, out, err = run(capsys, "convert", str(tmp_path), "--seq-len", "4096", "--shards", "4", "--json", "-")
     assert code == 0, err
     plan = json.loads(out)  # stdout is the JSON alone; the report went to stderr
-    assert "transformer.h.2.mlp" in err
+    assert "transformer.h.{0..2}.mlp" in err  # three alike rows, printed once
     mlps = [m for m in plan["modules"] if m["pattern"] != "linear_cross_entropy"]
     assert [m["path"] for m in mlps] == [f"transformer.h.{i}.mlp" for i in range(3)]
     assert {m["pattern"] for m in mlps} == {"plain"} and {m["shards"] for m in mlps} == {4}
@@ -181,7 +181,38 @@ def test_help_states_what_the_estimate_counts(capsys):
         main(["convert", "--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    assert "Not counted" in out and "--seq-len" in out and "--json" in out
+    assert "what autograd keeps" in " ".join(out.split()) and "--seq-len" in out and "--json" in out
+
+
+@pytest.mark.parametrize("argv", [["convert", "llama", "--device-memory", "80"], ["convert", "llama", "--seq-len", "0"],
+                                  ["convert", "llama", "--sp", "8"], ["bogus"]])
+def test_a_bad_argument_is_answered_before_torch_is_imported(argv):
+    """Importing torch and transformers takes seconds: the command checks its arguments first."""
+    code = f"import sys; from fxtile.cli import main; code = main({argv!r}); print(code, 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], (proc.stdout, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fxtile: error:"), proc.stderr
+
+
+def test_with_sp_the_regions_are_planned_per_rank(capsys):
+    code, out, err = run(capsys, "convert", "llama", "--seq-len", "65536", "--sp", "4", "--world", "4", "--no-verify",
+                         "--json", "-")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert (plan["tokens"], plan["sp"], plan["tokens_per_rank"]) == (65536, 4, 16384)
+    (head,) = [m for m in plan["modules"] if m["pattern"] == "linear_cross_entropy"]
+    assert head["shards"] == fxtile.ShardPolicy().loss_count(16384, 4096, 32000, itemsize=2)
+    assert "65536 tokens / sp 4 = 16384 tokens per rank" in err
+
+
+def test_alike_rows_are_printed_once_and_others_apart():
+    from fxtile.convert import _collapsed
+
+    row = lambda path, shards="8": (path, "gated", "gate=g", shards, "1 GiB -> 0.1 GiB")  # noqa: E731
+    rows = [row("(root)"), *(row(f"model.layers.{i}.mlp") for i in range(4)), row("model.layers.4.mlp", "untiled"),
+            row("model.layers.5.mlp", "untiled"), row("model.layers.7.mlp", "untiled"), row("model.layers.8.mlp.experts")]
+    assert [r[0] for r in _collapsed(rows)] == ["(root)", "model.layers.{0..3}.mlp", "model.layers.{4..5}.mlp",
+                                               "model.layers.7.mlp", "model.layers.8.mlp.experts"]
 
 
 def test_shrink_keeps_the_architecture_and_attention_layout():

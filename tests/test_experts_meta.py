@@ -61,6 +61,36 @@ def test_a_bank_on_meta_is_probed_on_a_small_real_instance_of_its_class():
     assert (found.hidden_size, found.intermediate_size, found.num_experts, found.top_k) == (4096, 14336, 8, 2)
 
 
+def test_banks_of_one_structure_on_meta_are_probed_once_and_other_ones_apart(monkeypatch):
+    """Planning a model's banks on meta probes small instances once per distinct bank structure (the probe
+    runs the bank's own code, about 50 ms a call on CPU): as many probes for 6 alike banks as for 2, more
+    once one bank differs, and every bank gets the plan probing it alone gives."""
+    from fxtile.passes import experts
+
+    probes = []
+    real = experts._probe
+    monkeypatch.setattr(experts, "_probe", lambda *a: probes.append(a[0]) or real(*a))
+
+    def plan(layers: int, wider: bool = False) -> tuple[int, list]:
+        with torch.device("meta"):
+            model = T.MixtralForCausalLM(T.MixtralConfig(num_hidden_layers=layers, hidden_size=512, intermediate_size=1024,
+                                                         num_attention_heads=4, num_key_value_heads=2))
+        if wider:  # another width: another structure
+            model.model.layers[-1].mlp.experts = _mixtral_bank("meta", h=512, i=2048)
+        probes.clear()
+        fxtile.transform(model)
+        return len(probes), [(m.intermediate_size, m.tiled) for m in fxtile.find(model)]
+
+    two, six, mixed = plan(2), plan(6), plan(6, wider=True)
+    assert two[1] == [(1024, True)] * 2 and six[1] == [(1024, True)] * 6 and mixed[1] == [(1024, True)] * 5 + [(2048, True)]
+    assert two[0] == six[0] > 0 and mixed[0] > six[0], (two[0], six[0], mixed[0])
+    with torch.device("meta"):
+        bank = T.MixtralForCausalLM(T.MixtralConfig(num_hidden_layers=1, hidden_size=512, intermediate_size=1024,
+                                                    num_attention_heads=4, num_key_value_heads=2)).model.layers[0].mlp.experts
+    probes.clear()
+    assert match_experts(bank) == match_experts(bank) and len(probes) >= 2  # outside transform: nothing is kept
+
+
 def test_a_bank_whose_rows_depend_on_other_rows_is_still_refused_on_meta():
     with torch.device("meta"):
         bank = CappedBank()

@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 pytest.importorskip("transformers")
 
 from fxtile import planner  # noqa: E402
-from fxtile.cli import main  # noqa: E402
+from fxtile.cli import main, parse_bytes  # noqa: E402
 
 LENGTHS = (1024, 1536, 2048)  # three lengths, as the planner is promised to hold over a range (about 2.5 minutes on 2 cores)
 WARMUP = 256
@@ -128,23 +128,73 @@ def test_predicted_step_peak_matches_measured_resident_peak():
 
 
 def test_parse_bytes():
-    assert planner.parse_bytes("80GiB") == 80 * 2**30
-    assert planner.parse_bytes("80GB") == 80 * 10**9
-    assert planner.parse_bytes("1.5 TiB") == int(1.5 * 2**40)
-    assert planner.parse_bytes("4096") == 4096
+    assert parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("1.5 TiB") == int(1.5 * 2**40)
+    assert parse_bytes("4194304") == 4 * 2**20  # bytes, when there are enough of them to be meant
     for bad in ("", "GiB", "80XB", "-1GiB", "0"):
-        with pytest.raises(ValueError):
-            planner.parse_bytes(bad)
+        with pytest.raises(ValueError, match="memory size"):
+            parse_bytes(bad)
+    with pytest.raises(ValueError, match="'80' without a unit is 80 bytes; give the unit, e.g. 80GiB"):
+        parse_bytes("80")  # 80 GiB meant: taken as 80 bytes it would answer "does not fit"
 
 
 def test_longest_finds_the_boundary_of_a_line_and_of_steps():
     line = lambda s: 1000 + 3 * s  # noqa: E731
-    seq, _ = planner.longest(line, 1000 + 3 * 50_000, multiple=1024)
-    assert seq == 50_000 // 1024 * 1024
+    seq, calls = planner.longest(line, 1000 + 3 * 50_000, multiple=1024)
+    assert seq == 50_000 // 1024 * 1024 and calls <= 4, calls  # a line is solved, not searched
+    bent = lambda s: 10**9 + 3 * s + (s // 4096) ** 2  # noqa: E731 - a fixed part, then growing faster
+    seq, calls = planner.longest(bent, 10**9 + 3 * 2_000_000 + 488**2, multiple=1024)
+    assert bent(seq) <= 10**9 + 3 * 2_000_000 + 488**2 < bent(seq + 1024) and calls <= 12, (seq, calls)
     steps = lambda s: 1000 + 3 * s + (10**6 if s > 300_000 else 0)  # noqa: E731
     seq, _ = planner.longest(steps, 10**7, multiple=1024)
     assert line(seq) <= 10**7 and steps(seq) <= 10**7 and steps(seq + 1024) > 10**7
     assert planner.longest(line, 10, multiple=1024)[0] == 0
+
+
+def _meta(config, tiled: bool):
+    import copy
+
+    import fxtile
+    from fxtile.tiny import build_model
+
+    model = planner.prepare(build_model(config, "meta"))
+    if tiled:
+        model = copy.deepcopy(model)
+        fxtile.transform(model, loss=True)
+        planner.prepare(model)
+    return model
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_step_measured_on_two_alike_layers_is_the_whole_models(tiled, offload):
+    """The planner measures a model of alike decoder layers on its first one and two and extends the
+    difference to all of them: the answer is the whole model's to the byte, at lengths where the tiled
+    calls change shard counts."""
+    import transformers
+
+    config = transformers.Qwen3Config(hidden_size=64, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, vocab_size=4096, num_hidden_layers=6, use_cache=False)
+    model = _meta(config, tiled)
+    cost = planner._StepCost(model, 1, offload, lambda line: None, "test")
+    assert cost.parts is not None, "alike layers: the shortcut must be taken for the test to mean anything"
+    for tokens in (1024, 5120, 9216):
+        whole = planner.step_peak(model, tokens)
+        assert cost(tokens) == (whole.offload_peak if offload else whole.peak), tokens
+    assert cost.parts is not None  # the check on three layers held
+
+
+def test_layers_that_differ_are_measured_whole():
+    import transformers
+
+    config = transformers.Qwen3Config(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, vocab_size=512, num_hidden_layers=4, use_cache=False,
+                                      layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=64,
+                                      use_sliding_window=True, max_window_layers=0)
+    model = _meta(config, tiled=False)
+    cost = planner._StepCost(model, 1, False, lambda line: None, "test")
+    assert cost.parts is None and cost(1024) == planner.step_peak(model, 1024).peak
 
 
 def test_states_follow_zero_stages():
@@ -170,7 +220,7 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("value", ["eighty", "80XB", "-5GiB", "0"])
+@pytest.mark.parametrize("value", ["eighty", "80XB", "-5GiB", "0", "80"])
 def test_bad_device_memory_exits_2_with_one_line(capsys, value):
     code, out, err = _run(capsys, "convert", "llama", "--device-memory", value)
     assert code == 2
@@ -192,6 +242,9 @@ def test_convert_prints_whole_step_plan(capsys, tmp_path):
                           "--dtype", "bf16", "--no-verify", "--json", str(tmp_path / "plan.json"))
     assert code == 0, err
     assert "whole training step" in out and "longest sequence" in out, out
+    steps = [line for line in err.splitlines() if " step at " in line]  # a progress line for each measured step
+    assert any(line.startswith("fxtile: [") and "untiled step at 8192 tokens per rank" in line for line in steps), err
+    assert any("fxtile step at" in line for line in steps), err
     plan = json.loads((tmp_path / "plan.json").read_text())["step"]
     assert plan["rows"]["fxtile"]["longest_seq"] > plan["rows"]["untiled"]["longest_seq"] > 0
 
