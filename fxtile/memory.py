@@ -24,9 +24,12 @@ as ``fxtile.estimate`` reports it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
 import weakref
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -34,14 +37,32 @@ from torch.utils._pytree import tree_flatten
 
 from . import op
 from .kernels import loss as loss_kernel
+from .passes.experts import shrink_factor, shrunk_region
 from .policy import MemoryProfile
 from .region import Region
 
-__all__ = ["LiveBytes", "bank_terms", "profile", "profile_of", "replay_tiled", "replay_untiled", "replay_tensors", "replay_rows"]
+__all__ = ["LiveBytes", "bank_terms", "uncounted", "profile", "profile_of", "replay_tiled", "replay_untiled", "replay_tensors", "replay_rows"]
 
 META_ROWS = 2048  # replay sizes on meta (free at any size: large, where the kernels' peaks are reached)
 REAL_ROWS = 64  # and on real weights (expert banks)
 BANK_ROWS = 8192  # an expert bank without real weights: its profile is fitted at about these many rows and twice
+
+
+_ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("fxtile_live_bytes", default=())
+_PAUSED: contextvars.ContextVar[frozenset] = contextvars.ContextVar("fxtile_live_bytes_paused", default=frozenset())
+
+
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """What runs inside is no part of what the :class:`LiveBytes` counters active at entry count (counters
+    entered inside count as usual). For fxtile's own one-time work during a counted step: a block traced
+    per call builds its graph on its first call, copying each region's weights onto meta (free on a real
+    device, a storage on meta), which a real run does once, in its first step."""
+    token = _PAUSED.set(_PAUSED.get() | {id(counter) for counter in _ACTIVE.get()})
+    try:
+        yield
+    finally:
+        _PAUSED.reset(token)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -49,7 +70,8 @@ class LiveBytes(TorchDispatchMode):
 
     A storage's Python object lives exactly as long as the storage (PyTorch preserves it), so a weak
     reference's callback marks the free. Views share their base's storage and are counted once.
-    Storages that existed before (weights, input, output gradient) are never counted.
+    Storages that existed before (weights, input, output gradient) are never counted, and neither is what
+    runs under :func:`uncounted`.
     """
 
     def __init__(self, existing: Iterable[torch.Tensor]) -> None:
@@ -76,11 +98,23 @@ class LiveBytes(TorchDispatchMode):
 
         self._refs[key] = weakref.ref(storage, freed)
 
+    def __enter__(self):
+        self._active = _ACTIVE.set(_ACTIVE.get() + (self,))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.reset(self._active)
+        return super().__exit__(*exc)
+
+    def counting(self) -> bool:
+        return id(self) not in _PAUSED.get()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
-                self._count(value)
+        if self.counting():
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor):
+                    self._count(value)
         return out
 
 
@@ -269,10 +303,6 @@ def _small_region(region: Region, live: Sequence[torch.Tensor], factor: int, sca
                   dtype: torch.dtype) -> tuple[Region, list[torch.Tensor]]:
     """The bank as a small real region: the same class, its widths ``// factor * scale``, the same kernel plan
     (the hypothesis at the same place in its list), the same routed inputs (experts, top-k)."""
-    import dataclasses
-
-    from .passes.experts import shrunk_region
-
     small, _, spec = shrunk_region(region.template, region.label, factor, scale, dtype)
     plan = None
     if region.fast is not None:
@@ -297,8 +327,6 @@ def scaled(region: Region, live: Sequence[torch.Tensor], rows: int,
     in ``s``; three scales ``s = 1, 2, 3`` fix ``a s^2 + b s + c``, which is read at ``s = f``. The
     replays run in the weights' dtype with uniform random routing (every expert gets rows).
     """
-    from .passes.experts import shrink_factor
-
     dtype = next((t.dtype for t in live if t.is_floating_point()), torch.float32)
     factor = shrink_factor(region.template)
     base = max(1, round(rows / factor))  # the smallest instance's rows (rows not a multiple of f: rounded)
@@ -328,8 +356,6 @@ def bank_terms(region: Region, live: Sequence[torch.Tensor], modes: Sequence[boo
     """:func:`_terms` for an expert bank at its full widths, without its weights (:func:`scaled`),
     fitted at ``BANK_ROWS`` and twice as many rows: about where tiling a bank starts to pay (``E x H / k``
     tokens for Mixtral-sized banks: see the shard policy)."""
-    from .passes.experts import shrink_factor
-
     factor = shrink_factor(region.template)
     a = max(1, BANK_ROWS // factor) * factor
     try:

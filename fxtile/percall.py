@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import memory
 from .build import STATE, tile_graph
 from .passes.match import match_block
 from .passes.specialize import ROOT, Binder, CallSpec, call_spec, trace_call
@@ -100,6 +101,10 @@ class PerCall:
         return found
 
     def _build(self, module: nn.Module, spec: CallSpec) -> Union[Entry, _Untiled]:
+        with memory.uncounted():  # one-time work, no part of the step a counter may be measuring (fxtile.planner)
+            return self._built(module, spec)
+
+    def _built(self, module: nn.Module, spec: CallSpec) -> Union[Entry, _Untiled]:
         result = match_block(lambda leaves: trace_call(module, spec, leaves, self.original, self.structures), self.leaves,
                              self.patterns, lambda t: t.root, ROOT)
         if isinstance(result, str):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .api import transform
 from .memory import LiveBytes
 
 __all__ = ["StepBytes", "StepPeak", "States", "Plan", "prepare", "step_peak", "states", "longest",
@@ -39,11 +40,10 @@ class StepBytes(LiveBytes):
         self.marked = 0
         self.marked_at_peak = 0
         self.peak_unmarked = 0
-        self.paused = 0
         self._marks: dict[int, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.paused:  # fxtile building a call's graph (see _Building): not part of the step
+        if not self.counting():  # fxtile building a call's graph on its first call (memory.uncounted)
             return func(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.add.Tensor and not kwargs and len(args) == 2:
@@ -133,39 +133,6 @@ def prepare(model: nn.Module, checkpointing: bool = True) -> nn.Module:
     return model
 
 
-class _Building:
-    """While counting a step: what fxtile allocates while it builds a call signature's graph (on its first
-    call) is not counted. A real run builds once, in its first step, and what stays is meta-device templates
-    (``passes/cut.py: meta_template``: a meta copy of each weight a region reads, the size of the tied
-    embedding for the loss region) that hold no device memory; on the meta device they look like any other
-    storage and, kept by the region, stayed live through the whole step."""
-
-    def __init__(self, counter: "StepBytes") -> None:
-        self.counter = counter
-
-    def __enter__(self):
-        from . import percall
-
-        build = self._old = percall.PerCall._build
-        counter = self.counter
-
-        def paused(self, *args, **kwargs):
-            counter.paused += 1
-            try:
-                return build(self, *args, **kwargs)
-            finally:
-                counter.paused -= 1
-
-        percall.PerCall._build = paused
-        return self
-
-    def __exit__(self, *exc):
-        from . import percall
-
-        percall.PerCall._build = self._old
-        return False
-
-
 class _OnMeta:
     """While planning: no packed-sequence check (it reads values), and sdpa on meta as the flash kernel."""
 
@@ -217,7 +184,7 @@ def step_peak(model: nn.Module, tokens: int, batch: int = 1, grads_preset: bool 
     handles = [layer.register_forward_pre_hook(mark, with_kwargs=True) for layer in _layers(model)]
     try:
         existing = [*params, *[p.grad for p in params if p.grad is not None], *model.buffers()]
-        with _OnMeta(), StepBytes(existing) as counter, _Building(counter):
+        with _OnMeta(), StepBytes(existing) as counter:
             box.append(counter)
             ids = torch.zeros((batch, tokens), dtype=torch.long, device=params[0].device)
             model(input_ids=ids, labels=ids).loss.backward()
@@ -434,8 +401,6 @@ def plan_step(model: nn.Module, seq_len: int, budget: int, *, batch: int = 1, sp
               progress: Optional[Callable[[str], None]] = None) -> Plan:
     """Untiled ``model`` (meta) and ``tiled`` (default: a deep copy after ``fxtile.transform(copy, loss=True)``).
     ``progress`` is told each measured step (the CLI prints it on stderr)."""
-    from .api import transform
-
     progress = progress or (lambda line: None)
     base = prepare(model, checkpointing)
     if tiled is None:

@@ -92,8 +92,8 @@ class ShardPolicy:
     loss_budget: float = 0.24  # a loss shard's logits: at most this share of the loss's memory floor
 
     def __post_init__(self) -> None:
-        if self.shards is not None and (isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1):
-            raise ValueError(f"shards must be a positive int, 'auto' or a ShardPolicy, got {self.shards!r}")
+        if self.shards is not None:
+            _check_shards(self.shards)
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
             raise ValueError(f"ShardPolicy.min_tokens must be a positive int, got {self.min_tokens!r}")
         for name in ("budget", "loss_budget"):
@@ -188,16 +188,20 @@ class Thresholds:
         return CallPlan(shards, self.fp32_from is not None and rows >= self.fp32_from)
 
 
+def _check_shards(shards: object) -> None:
+    """The one check of a shard count (``transform``'s ``shards``, ``ShardPolicy.shards``, ``--shards``)."""
+    wrong = f"shards must be 'auto', a positive int or a ShardPolicy, got {type(shards).__name__} {shards!r}"
+    if isinstance(shards, bool) or not isinstance(shards, int):
+        raise (ValueError if isinstance(shards, str) else TypeError)(wrong)
+    if shards < 1:
+        raise ValueError(f"{wrong}; pass shards=1 to run untiled or shards='auto'")
+
+
 def as_policy(shards: object) -> ShardPolicy:
-    """Validate the user's ``shards`` argument: ``"auto"``, a positive ``int`` or a ``ShardPolicy``."""
+    """The user's ``shards`` argument as a policy: ``"auto"``, a positive ``int`` or a ``ShardPolicy``."""
     if isinstance(shards, ShardPolicy):
         return shards
-    if isinstance(shards, str):
-        if shards != "auto":
-            raise ValueError(f"shards must be 'auto', a positive int or a ShardPolicy, got the string {shards!r}")
+    if isinstance(shards, str) and shards == "auto":
         return ShardPolicy()
-    if isinstance(shards, bool) or not isinstance(shards, int):
-        raise TypeError(f"shards must be 'auto', a positive int or a ShardPolicy, got {type(shards).__name__} {shards!r}")
-    if shards < 1:
-        raise ValueError(f"shards must be >= 1, got {shards}; pass shards=1 to run untiled or shards='auto'")
+    _check_shards(shards)  # None is no count either: only ShardPolicy(shards=None) means "auto"
     return ShardPolicy(shards=shards)

@@ -67,8 +67,8 @@ def test_every_rewritten_graph_lints_and_computes_the_same(make):
     x = torch.randn(2, 5, 12)
     expected = gm(x)
     result = _rewrite_all(gm)
-    if isinstance(module, M.Stack):  # its MLPs sit in submodules, traced through here: still one graph
-        assert result.modified
+    calls = [n for n in result.graph_module.graph.nodes if n.op == "call_function" and str(n.target).startswith("fxtile_")]
+    assert result.modified and len(calls) == (3 if isinstance(module, M.Stack) else 1), calls  # Stack: 3 MLPs, one graph
     result.graph_module.graph.lint()
     torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-5, atol=1e-6)
 
@@ -88,10 +88,12 @@ def forward(self, x):
     return gated_0"""
 
 
-def test_each_pattern_is_an_object_with_its_graph_and_a_cut():
+def test_each_pattern_is_an_object_with_its_graph_and_a_cut_that_finds_its_own_shape():
     assert [p.name for p in MLP_PATTERNS] == ["gated", "gated_fused", "plain"]
-    for pattern in MLP_PATTERNS:
-        assert pattern.graph.number_of_nodes() >= 3 and callable(pattern.cut) and not pattern.nests
+    for pattern, make in zip(MLP_PATTERNS, (M.Odd, M.FusedUpFirst, M.PlainSwish)):
+        assert pattern.graph.number_of_nodes() >= 3 and not pattern.nests
+        candidates, rejections = find_candidates(_graph(make()))
+        assert [c.pattern for c in candidates] == [pattern.name] and rejections == [], (pattern.name, candidates, rejections)
 
 
 class _Escapes(nn.Module):  # the activation is also returned: it cannot be recomputed away

@@ -108,7 +108,8 @@ def test_every_failure_class_is_refused_and_a_healthy_region_verified(name):
     for model in (MLP(FAILURES[name]).train(), nn.Sequential(*[MLP(FAILURES[name]) for _ in range(3)]).train()):
         with pytest.warns(UserWarning, match="found no MLP"):
             fxtile.transform(model, shards=3)
-        assert fxtile.find(model) == [] and all("self-check failed" in s.reason for s in fxtile.find(model).skipped)
+        skipped = fxtile.find(model).skipped
+        assert fxtile.find(model) == [] and skipped and all(s.why is fxtile.Why.SELF_CHECK for s in skipped), skipped
     healthy = fxtile.transform(MLP(), shards=3)
     assert [m.verified for m in fxtile.find(healthy)] == [True]
 
@@ -153,7 +154,7 @@ def test_a_wrong_kernel_is_caught_by_the_narrowed_check(monkeypatch, loss):
         fxtile.transform(model, shards=3, loss=loss)
     found = fxtile.find(model, loss=loss)
     assert found == []
-    refused = {s.path for s in found.skipped if "self-check failed" in s.reason}
+    refused = {s.path for s in found.skipped if s.why is fxtile.Why.SELF_CHECK}
     assert refused == ({"", "model.layers.0.mlp"} if loss else {"model.layers.0.mlp"}), found.skipped
 
 

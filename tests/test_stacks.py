@@ -458,7 +458,7 @@ def test_a_region_that_is_not_token_wise_is_refused_by_the_self_check_with_the_m
     found = fxtile.find(model)
     assert found == [] and "forward" not in model.__dict__
     (skip,) = found.skipped
-    assert "self-check failed" in skip.reason and "not token-wise" in skip.reason, skip.reason
+    assert skip.why is fxtile.Why.SELF_CHECK and "not token-wise" in skip.reason, skip
     error = float(skip.reason.split("by ")[1].split(" ")[0])
     assert error > 0.05, skip.reason
     unchecked = fxtile.transform(copy.deepcopy(model), shards=3, verify=False)  # the net taken away
