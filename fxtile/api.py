@@ -23,7 +23,7 @@ from torch import nn
 
 from . import distributed
 from .blocks import KINDS, Context, Declined, Planned
-from .build import CHECK_REFUSALS, STATE, TileState
+from .state import CHECK_REFUSALS, STATE, TileState
 from .passes.experts import looks_like_experts, meta_probes_once
 from .passes.loss_head import LOSS_PATTERNS
 from .passes.patterns import MLP_PATTERNS, Pattern

@@ -28,7 +28,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .build import Built, TileState, bank_record, build_bank, record, signed, tile_graph
+from .build import Built, bank_record, build_bank, record, signed, tile_graph
+from .state import TileState
 from .passes.candidate import Rejection
 from .passes.experts import ExpertsMatch, looks_like_experts, match_experts
 from .passes.match import match_block

@@ -1,24 +1,22 @@
 """Build time: turn a planned block's regions into tiled callables, check and profile each, rewrite its graph,
-and describe what will be installed (:class:`TileState`).
+and describe what will be installed (a :class:`~fxtile.state.TileState`).
 
 Every kind of block ends here (:func:`tile_graph`, :func:`build_bank`): each region is built once from
 its description, checked numerically (:mod:`fxtile.selfcheck`) and profiled for the shard policy
 (:mod:`fxtile.memory`), and only the regions that pass are rewritten into the graph. Verdicts and profiles
 are kept by region structure for the whole ``transform`` (``checked``): a model's identical layers are
-checked once. The self-check's refusals are recorded per block (:data:`CHECK_REFUSALS`): they are what
-``find`` reports for a block whose regions were not installed.
+checked once. The self-check's refusals are returned with what was built (:class:`Built`); the API keeps
+them per block (:data:`fxtile.state.CHECK_REFUSALS`).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import types
 import warnings
-import weakref
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -39,40 +37,9 @@ from .policy import ShardPolicy
 from .records import Match, Skipped, Why
 from .region import Region, TiledRegion, tiled as tiled_callable
 from .selfcheck import Check, structure_key
+from .state import TileState
 
-if TYPE_CHECKING:
-    from .percall import PerCall
-
-__all__ = ["Built", "CHECK_REFUSALS", "signed", "STATE", "TileState", "bank_record", "build_bank", "record", "tile_graph"]
-
-STATE = "_fxtile"  # the instance attribute holding a tiled module's TileState
-
-# Regions the self-check refused at the last transform, by block (weak: the record goes with the module).
-CHECK_REFUSALS: "weakref.WeakKeyDictionary[nn.Module, list[Skipped]]" = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class TileState:
-    """What fxtile installs on a tiled module (a plain attribute: not in ``state_dict``)."""
-
-    kind: str
-    attr: str  # the instance attribute replaced: "forward" or a method name
-    function: Callable  # installed as ``types.MethodType(function, module)``
-    matches: list[Match]
-    regions: list[TiledRegion]  # one per match (for a block traced per call: its default call's graph)
-    policy: ShardPolicy
-    per_call: Optional["PerCall"] = None
-    owner: Optional[nn.Module] = None  # what the regions' tensor paths are relative to (default: the module)
-
-    def __deepcopy__(self, memo: dict) -> "TileState":  # deep copies share regions (structure only)
-        return TileState(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)})
-
-    def __reduce__(self):
-        raise TypeError(
-            "a model tiled by fxtile cannot be pickled (its regions live in this process); "
-            "call fxtile.restore(model) first, or save its state_dict()"
-        )
-
+__all__ = ["Built", "signed", "bank_record", "build_bank", "record", "tile_graph"]
 
 def signed(function: Callable, original: Callable) -> Callable:
     """``function`` as installed in place of ``original``: a copy of the function object (the same code, so no
@@ -106,7 +73,7 @@ def record(path: str, cand: Candidate, method: str = "forward", policy: Optional
     def rel(name: str, sep: str) -> str:
         return name.removeprefix(prefix + sep) if prefix else name
 
-    widths = {"intermediate_size": None, "vocab_size": None, cand.kind.width_name: cand.width}
+    widths = {"intermediate_size": None, "vocab_size": None, cand.found_by.width_name: cand.width}
     return Match(
         path=path, pattern=cand.pattern, roles={k: rel(v, ".") for k, v in cand.roles.items()},
         activation=cand.activation, hidden_size=cand.hidden_size, **widths,

@@ -38,7 +38,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .kernels import loss as loss_kernel
-from .passes.plans import LossPlan
+from .passes.kernel_plans import LossPlan
 from .kernels import shards as K
 
 __all__ = ["Counters", "Kernel", "autocast_dtype_of", "backward_kernel", "forward_kernel", "live_regions", "lookup",

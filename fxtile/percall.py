@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import memory
-from .build import STATE, tile_graph
+from .build import tile_graph
+from .state import STATE
 from .passes.match import match_block
 from .passes.specialize import ROOT, Binder, CallSpec, call_spec, trace_call
 from .policy import ShardPolicy

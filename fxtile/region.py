@@ -29,7 +29,7 @@ from torch.func import functional_call
 
 from . import op
 from .passes.cut import RegionSpec
-from .passes.plans import LossPlan
+from .passes.kernel_plans import LossPlan
 from .passes.specialize import ROOT
 from .policy import CallPlan, MemoryProfile, ShardPolicy, Thresholds
 

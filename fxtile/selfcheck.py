@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .compare import max_error, tolerance
-from .passes.plans import LinearMLP, Proj
+from .passes.kernel_plans import LinearMLP, Proj
 from .kernels.shards import shard_bounds
 from .region import TiledRegion, python_state
 

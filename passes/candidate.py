@@ -7,21 +7,32 @@ view of one is ``fxtile.Match``, built once the region is tiled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch.fx as fx
 
-if TYPE_CHECKING:
-    from .patterns import Pattern
+__all__ = ["Candidate", "FoundBy", "Rejection"]
 
-__all__ = ["Candidate", "Rejection"]
+
+class FoundBy(Protocol):
+    """What a candidate reads of the pattern that found it (every :class:`~.patterns.Pattern` is one): its
+    name and rank among overlapping finds, what its width is called, and the region's probe and plan,
+    which the pattern owns. A protocol, so that this module, which patterns import, imports none of them."""
+
+    name: str
+    priority: int
+    width_name: str  # "intermediate_size" for an MLP, "vocab_size" for a loss head
+
+    def probe(self, cand: "Candidate") -> tuple: ...
+
+    def plan(self, template: fx.GraphModule, cand: "Candidate", names: dict[str, str], tensor_paths: tuple) -> object: ...
 
 
 @dataclass
 class Candidate:
     """A region found in a graph, with live fx nodes (internal; the public view is ``fxtile.Match``)."""
 
-    kind: "Pattern"  # the pattern object that found it: it owns the region's plan and probe
+    found_by: FoundBy  # the pattern object that found it: it owns the region's plan and probe
     inputs: tuple[fx.Node, ...]  # activation inputs, aligned on their leading (token) dims
     exit: fx.Node
     nodes: list[fx.Node]  # every node the tiled call replaces, in graph order; ``exit`` is last
@@ -29,7 +40,7 @@ class Candidate:
     role_nodes: dict[str, fx.Node]  # role -> node (projections, the gate ``*``, the activation's end)
     activation: str
     hidden_size: int
-    width: int  # the intermediate size of an MLP, the vocabulary of a loss head (see ``kind.width_name``)
+    width: int  # the intermediate size of an MLP, the vocabulary of a loss head (``found_by.width_name``)
     may_draw_random: bool
     escapes: tuple[fx.Node, ...] = field(default_factory=tuple)  # region values also returned by the graph
     rebind: tuple[fx.Node, ...] = field(default_factory=tuple)  # x.device of a region value, read outside
@@ -37,7 +48,7 @@ class Candidate:
 
     @property
     def pattern(self) -> str:
-        return self.kind.name
+        return self.found_by.name
 
 
 @dataclass(frozen=True)

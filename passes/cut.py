@@ -139,6 +139,6 @@ def cut_region(gm: fx.GraphModule, cand: Candidate, label: str) -> RegionSpec:
     assert isinstance(template, fx.GraphModule)
     return RegionSpec(
         template, tensor_paths, module_paths, tuple(type(region.get_submodule(p)) for p in module_paths),
-        cand.kind.probe(cand), cand.hidden_size, cand.width, cand.may_draw_random,
-        cand.kind.plan(template, cand, names, tensor_paths), label,
+        cand.found_by.probe(cand), cand.hidden_size, cand.width, cand.may_draw_random,
+        cand.found_by.plan(template, cand, names, tensor_paths), label,
     )

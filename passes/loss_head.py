@@ -21,7 +21,8 @@ from .candidate import Candidate, Rejection
 from .cut import ProbeInput
 from .labels import LINEAR, POINTWISE, matmul_weight, projection_dims, projection_name
 from .patterns import Pattern, describe_activation, pattern_graph
-from .plans import LossPlan, proj_of
+from .kernel_plans import LossPlan
+from .plans import proj_of
 from .pointwise import CAST_TARGETS, is_metadata, is_random
 from .trace import graph_module, is_linear_like, linear_dims
 
@@ -176,7 +177,7 @@ class LinearCrossEntropy(Pattern):
         activation = describe_activation(gm, labels, math)[0] if math else "none"
         hidden, vocab = projection_dims(gm, labels, head)
         return Candidate(
-            kind=self, inputs=(labels.proj_input[head], target), exit=loss, nodes=nodes,
+            found_by=self, inputs=(labels.proj_input[head], target), exit=loss, nodes=nodes,
             roles={"head": projection_name(gm, labels, head)}, role_nodes={"head": head, "loss": loss},
             activation=activation, hidden_size=hidden, width=vocab,
             may_draw_random=any(is_random(gm, n) for n in nodes), escapes=tuple(escapes), rebind=rebind,

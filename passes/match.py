@@ -120,7 +120,7 @@ def find_candidates(
             elif cut is not None:
                 rejected.append(dataclasses.replace(cut, pattern=pattern.name))
     accepted: list[Candidate] = []
-    for cand in sorted(found, key=lambda c: (-c.kind.priority, labels.order[c.exit], -len(c.nodes))):
+    for cand in sorted(found, key=lambda c: (-c.found_by.priority, labels.order[c.exit], -len(c.nodes))):
         reason = next((r for f in FILTERS if (r := f(gm, cand, accepted))), None)
         if reason is None:
             accepted.append(cand)

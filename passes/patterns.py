@@ -24,7 +24,7 @@ from torch import nn
 from .candidate import Candidate, Rejection
 from .cut import ProbeInput
 from .labels import JOIN, LINEAR, PART, Labels, is_activation, projection_dims, projection_name
-from .plans import LinearMLP, mlp_plan
+from .plans import mlp_plan
 from .pointwise import is_metadata, is_random
 
 __all__ = ["GATED", "GATED_FUSED", "MLP_PATTERNS", "PLAIN", "Pattern", "describe_activation", "pattern_graph"]
@@ -112,7 +112,7 @@ class Pattern:
         if act_owner is not None:
             roles["act"] = act_owner
         return Candidate(
-            kind=self, inputs=(labels.proj_input[core[0]],), exit=last, nodes=nodes, roles=roles,
+            found_by=self, inputs=(labels.proj_input[core[0]],), exit=last, nodes=nodes, roles=roles,
             role_nodes=role_nodes, activation=activation, hidden_size=dims[0], width=dims[1],
             may_draw_random=any(is_random(gm, n) for n in nodes),
         )

@@ -5,19 +5,19 @@ fused projection are the up half, which steps lead from the logits to the loss),
 the graph derives it; the runtime's kernels (``fxtile.kernels``) only compute from it, and never read a
 graph. Every plan names tensors by their index in the region's tensor list (the op's explicit inputs).
 
-* :class:`LinearMLP` - plain linear layers around a parameter-free, RNG-free element-wise activation
-  (:func:`mlp_plan`): the fast path's backward recomputes only the first projections and the activation;
-* :class:`LossPlan` - a projection and the row-wise steps into a cross-entropy (derived by the loss
-  head, :mod:`passes.loss_head`);
-* :class:`BankPlan` - a routed expert bank's expert MLP over its stacked weights. A bank's code is opaque,
-  so its shapes only admit *hypotheses* (:func:`bank_hypotheses`); the runtime keeps the first that
-  reproduces the bank's own forward.
+* :func:`mlp_plan` - a :class:`LinearMLP`: plain linear layers around a parameter-free, RNG-free
+  element-wise activation (the fast path's backward recomputes only the first projections and the
+  activation);
+* :func:`proj_of` - a :class:`Proj`, also for the loss head's :class:`LossPlan` (:mod:`passes.loss_head`);
+* :func:`bank_hypotheses` - :class:`BankPlan` s: a routed expert bank's code is opaque, so its shapes only
+  admit *hypotheses*; the runtime keeps the first that reproduces the bank's own forward.
+
+The plan types themselves live in :mod:`.kernel_plans`, a leaf without fx, which the kernels import.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -26,60 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .candidate import Candidate
+from .kernel_plans import BankPlan, LinearMLP, Proj
 from .labels import MUL_TARGETS, SPLIT_TARGETS, matmul_weight
 from .pointwise import is_pointwise, is_random
 from .trace import conv1d_type, get_path, graph_module
 
-__all__ = ["BankPlan", "LinearMLP", "LossPlan", "Proj", "bank_hypotheses", "mlp_plan", "proj_of"]
-
-
-@dataclass(frozen=True)
-class Proj:
-    """A projection: tensor-list indices of its weight and bias; ``transposed`` for Conv1D's [in, out]."""
-
-    weight: int
-    bias: Optional[int]
-    transposed: bool
-
-
-@dataclass(frozen=True)
-class LinearMLP:
-    """How to run a plain MLP region with explicit matmuls."""
-
-    kind: str  # "gated" | "gated_fused" | "plain"
-    first: Proj  # gate (gated), gate_up (gated_fused) or fc1 (plain)
-    up: Optional[Proj]  # gated only
-    down: Proj  # down or fc2
-    act: Callable[[torch.Tensor], torch.Tensor]  # parameter-free and RNG-free, element-wise
-    gate_cols: Optional[slice] = None  # gated_fused: which output columns of `first` are gate / up
-    up_cols: Optional[slice] = None
-
-
-@dataclass(frozen=True)
-class LossPlan:
-    """How to run a matched projection + cross-entropy: tensor-list indices and the loss's arguments."""
-
-    head: Proj  # the projection: weight [V, H] and bias, indices into the op's tensor list
-    steps: Callable[[torch.Tensor], torch.Tensor]  # logits -> the cross-entropy's input (row-wise)
-    fused: bool  # the steps are casts and flattening only
-    ignore_index: int
-    reduction: str  # "mean" | "sum"
-    label_smoothing: float
-    class_weight: Optional[int]  # index of the class weights, if any
-    flattened: bool  # the steps flatten the logits to rows (else the logits must already be 2-D)
-
-
-@dataclass(frozen=True)
-class BankPlan:
-    """A routed expert bank as explicit matmuls: tensor-list indices of its stacked first projection
-    (``[E, 2I, H]`` gate and up fused, or ``[E, I, H]``; ``[E, H, .]`` stored transposed) and down
-    projection, and one expert's MLP over ``[first[e], down[e]]`` (so its Proj indices are 0 and 1).
-    Semantics (transformers' experts contract): ``out[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])``."""
-
-    first: int  # index of the stacked first projection in the op's tensor list
-    down: int  # index of the stacked down projection
-    num_experts: int
-    expert: LinearMLP  # one expert, over ``[first[e], down[e]]`` (its Proj indices are 0 and 1)
+__all__ = ["bank_hypotheses", "mlp_plan", "proj_of"]
 
 
 # ---------------------------------------------------------------------------------------------

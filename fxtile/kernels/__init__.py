@@ -1,6 +1,6 @@
 """Kernels: the pure tensor code the tiled ops run, shard by shard (no fx, no graphs, no modules' state).
 
-Each computes from a plan the graph package derived (``fxtile.passes.plans``), never from a graph:
+Each computes from a plan the graph package derived (``fxtile.passes.kernel_plans``), never from a graph:
 
 * :mod:`.shards` - row ranges, and the loops over a region's shards: the explicit plans, or the generic
   recompute of a region's ``run`` function (``torch.func.vjp`` where autograd is off, the autograd engine

@@ -10,7 +10,7 @@ allocates one. Here a shard adds each expert's gradient into its slice of the ac
 sums for bf16/fp16 weights, as the call plan says) and the work is the untiled step's matmuls plus one
 recompute of the first projection.
 
-The plan (:class:`~fxtile.passes.plans.BankPlan`) is a hypothesis the bank's shapes admit, kept only if
+The plan (:class:`~fxtile.passes.kernel_plans.BankPlan`) is a hypothesis the bank's shapes admit, kept only if
 it reproduces the bank's own forward on a probe (``fxtile.blocks``); the self-check then compares the
 gradients too. This module only computes.
 
@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch.func import vjp
 
-from ..passes.plans import BankPlan
+from ..passes.kernel_plans import BankPlan
 from . import linear, mlp
 
 __all__ = ["backward", "forward"]

@@ -4,7 +4,7 @@ gradients summed over shards.
 Why one place: the MLP, expert-bank and loss kernels all compute ``x @ W^T (+ b)`` and its gradients with
 explicit matmuls, and all sum a weight's gradient over shards the same way (in place; low-precision ones in
 fp32 or in their own dtype, as the call plan says). ``t`` is the op's tensor list; a
-:class:`~fxtile.passes.plans.Proj` names a projection's weight and bias in it (``transposed`` for
+:class:`~fxtile.passes.kernel_plans.Proj` names a projection's weight and bias in it (``transposed`` for
 transformers' ``Conv1D``, stored ``[in, out]``). Run with autograd off.
 """
 
@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..passes.plans import Proj
+from ..passes.kernel_plans import Proj
 
 __all__ = ["accumulate", "add_mm", "input_grad", "linear", "weight_grads"]
 

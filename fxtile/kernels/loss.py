@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import vjp
 
-from ..passes.plans import LossPlan
+from ..passes.kernel_plans import LossPlan
 from . import linear
 from .shards import finish, shard_bounds
 

@@ -8,7 +8,7 @@ down projection's input is rebuilt from them, and every gradient is one explicit
 into preallocated buffers with in-place ops (low-precision weights' gradients in fp32 or in their own
 dtype, as the call plan says), so a shard holds about four ``shard x intermediate`` tensors at its peak.
 
-:class:`~fxtile.passes.plans.LinearMLP` is the plan (indices into the op's tensor list, the activation as
+:class:`~fxtile.passes.kernel_plans.LinearMLP` is the plan (indices into the op's tensor list, the activation as
 a callable); the matcher derives it from the roles it found. This module only computes.
 """
 
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch.func import vjp
 
-from ..passes.plans import LinearMLP
+from ..passes.kernel_plans import LinearMLP
 from . import linear
 
 __all__ = ["backward_shard", "branches", "forward_shard"]

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch.func import vjp
 
-from ..passes.plans import BankPlan, LinearMLP
+from ..passes.kernel_plans import BankPlan, LinearMLP
 from . import experts, linear, mlp
 
 __all__ = ["FastPlan", "Run", "backward_autograd", "backward_fast", "backward_vjp", "forward", "forward_fast", "shard_bounds"]
