@@ -49,7 +49,7 @@ def samples(only: str = "") -> list[tuple[str, str, str]]:
 def run(command: str) -> str:
     argv = shlex.split(command)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):
+    while argv and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", argv[0]):
         name, _, value = argv.pop(0).partition("=")
         env[name] = value
     if argv[0] == "fxtile":

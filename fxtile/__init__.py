@@ -7,7 +7,9 @@ kinds -> ``fxtile.region`` -> ``fxtile.op`` -> ``fxtile.kernels``) uses the grap
 
 Why the names are loaded on first use (PEP 562) rather than imported here: the ``fxtile`` command
 (:mod:`fxtile.cli`) answers a bad argument before torch is imported, which takes seconds; any use of
-``fxtile.transform`` (or ``from fxtile import transform``) imports :mod:`fxtile.api` as before.
+``fxtile.transform`` (or ``from fxtile import transform``) imports :mod:`fxtile.api` as before. The
+custom ops (``torch.ops.fxtile.*``) are registered by :mod:`fxtile.op`, which any of those imports: to
+load a saved program that calls them without using the API first, ``import fxtile.op``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
 
 def __getattr__(name: str):
     home = _HOMES.get(name)
+    if home is None and not name.isidentifier():  # getattr(fxtile, "a.b"): no such attribute (hasattr says False)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if home is None:
         try:  # a submodule (fxtile.testing, fxtile.op, ...), as an imported package would have it
             return importlib.import_module(f".{name}", __name__)

@@ -19,6 +19,7 @@ Stable: :func:`main` (the ``fxtile`` console script and ``python -m fxtile``).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Optional, Sequence
@@ -144,9 +145,21 @@ def _version() -> str:
     return __version__
 
 
+_STEP_FLAGS = {"offload": False, "zero": 0, "world": 1, "optimizer": "adamw", "no_checkpointing": False}
+
+
 def check(args: argparse.Namespace) -> None:
-    """What no single argument's parser can see: combinations."""
-    if args.sp > 1 and args.sp > args.world:
+    """What no single argument's parser can see: combinations, and a --json file that could not be written
+    (found now, not after the work)."""
+    if args.device_memory is None:
+        given = [f"--{k.replace('_', '-')}" for k, default in _STEP_FLAGS.items() if getattr(args, k) != default]
+        if given:
+            raise UsageError(f"{', '.join(given)} plan the whole training step: pass --device-memory SIZE as well")
+    if args.json not in (None, "-"):
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UsageError(f"cannot write --json {args.json!r}: not a file in a writable folder")
+    if args.device_memory is not None and args.sp > args.world:  # the step's ranks: SP groups within them
         raise UsageError(f"--sp {args.sp} needs at least as many ranks: pass --world {args.sp} or more")
     if args.sp > 1 and args.seq_len % args.sp:
         raise UsageError(f"--seq-len {args.seq_len} does not split over --sp {args.sp} ranks: pass a multiple of {args.sp}")

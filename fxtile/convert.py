@@ -340,7 +340,7 @@ def convert(args, out=None, err=None) -> int:
     verification = None
     code = 0
     if not entries:  # every tiled region has an entry (expert banks too: fxtile.estimate)
-        reasons = "; ".join(f"{s.path}: {s.reason}" for s in matches.skipped[:3])
+        reasons = "; ".join(f"{s.path or '(root)'}: {s.reason}" for s in matches.skipped[:3])
         print(f"\nfxtile: nothing to tile in {name}" + (f" ({reasons})" if reasons else
               " (no block matched an MLP, expert-bank or loss-head pattern)"), file=err)
         code = 1

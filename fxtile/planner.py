@@ -236,9 +236,11 @@ def states(model: nn.Module, optimizer: str = "adamw", zero: int = 0, world: int
 
 
 def longest(total: Callable[[int], int], budget: int, multiple: int = 1024, known: Iterable[int] = ()) -> tuple[int, int]:
-    """Longest multiple of ``multiple`` with ``total(seq) <= budget``, and the evaluations made.
+    """Longest multiple of ``multiple`` (at most 2**31) with ``total(seq) <= budget``, and the evaluations made.
 
-    ``total`` grows with ``seq``, nearly linearly (a tiled call's shard count changes in steps). So each
+    ``total`` must not decrease as ``seq`` grows (a step's memory does not; where more shards lower a tiled
+    call's peak at some length, the answer is the first length past which it no longer fits). It grows nearly
+    linearly (a tiled call's shard count changes in steps). So each
     guess is where the line through the two nearest measured points meets the budget (extrapolated from
     the two longest that fit until one does not, then interpolated between the longest that fits and the
     shortest that does not), and a guess that fits is confirmed by its neighbour one multiple beyond: on a
@@ -280,7 +282,7 @@ def longest(total: Callable[[int], int], budget: int, multiple: int = 1024, know
         elif guess is None or not good < guess < bad or calls >= 8:  # no progress on the line: bisect
             guess = (good + bad) // 2 // multiple * multiple
         if at(guess) <= budget:
-            if bad is None or guess + multiple < bad:
+            if (bad is None and guess < limit) or (bad is not None and guess + multiple < bad):
                 at(guess + multiple)  # its neighbour: one more multiple may fit
         elif guess - multiple > good:
             at(guess - multiple)
@@ -295,14 +297,26 @@ class Plan:
     budget: int
     rows: dict = field(default_factory=dict)  # name -> (activation bytes, device total, longest seq)
     evaluations: int = 0
-    layers_measured: dict = field(default_factory=dict)  # name -> decoder layers the meta steps ran
+    layers_measured: dict = field(default_factory=dict)  # name -> decoder layer counts the meta steps ran
     assumptions: list = field(default_factory=list)
 
 
 def _layer_list(model: nn.Module) -> Optional[tuple[nn.Module, str]]:
-    """``(parent, attribute)`` of the ``nn.ModuleList`` that holds ``model``'s decoder layers, or None."""
+    """``(parent, attribute)`` of the ``nn.ModuleList`` that holds ``model``'s decoder layers, or None where
+    they are not known for sure: transformers' checkpointing layers, or a list as long as the config's
+    layer count (not the longest list: that may be a bank's experts)."""
     layers = _layers(model)
     if len(layers) < 2:
+        return None
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        known = all(isinstance(layer, GradientCheckpointingLayer) for layer in layers)
+    except ImportError:
+        known = False
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not known and getattr(text, "num_hidden_layers", None) != len(layers):
         return None
     for parent in model.modules():
         for name, child in parent.named_children():
@@ -356,7 +370,8 @@ class _StepCost:
     reached in one place whatever the count: in the backward of the last layer or in the loss. So the
     step is measured on the first one and two layers and extended linearly to all ``L`` of them:
     ``peak(L) = peak(1) + (L - 1) * (peak(2) - peak(1))``. This is checked once, on three layers at the
-    first length asked for; where the check fails (or the layers differ), the whole model is measured."""
+    first length asked for, to the byte; where the check fails, a cut copy does not run, or the layers differ,
+    the whole model is measured."""
 
     def __init__(self, model: nn.Module, batch: int, offload: bool, progress: Callable[[str], None], name: str):
         self.model, self.batch, self.offload, self.progress, self.name = model, batch, offload, progress, name
@@ -368,6 +383,11 @@ class _StepCost:
         self.checked = self.parts is None
         self.cache: dict[int, int] = {}
 
+    @property
+    def measured(self) -> tuple[int, ...]:
+        """The decoder layer counts the meta steps ran: ``(1, 2, 3)`` for the linear extension, else all."""
+        return (1, 2, 3) if self.parts is not None else (self.layers,)
+
     def _peak(self, model: nn.Module, tokens: int) -> int:
         self.evaluations += 1
         r = step_peak(model, tokens, self.batch, grads_preset=True)
@@ -378,15 +398,17 @@ class _StepCost:
             return self.cache[tokens]
         start = time.perf_counter()
         if self.parts is not None:
-            one, two = (self._peak(m, tokens) for m in self.parts)
+            try:
+                one, two = (self._peak(m, tokens) for m in self.parts)
+                three = None if self.checked else self._peak(_first_layers(self.model, 3), tokens)
+            except Exception:  # noqa: BLE001 - a model that will not run cut short (it counts its layers)
+                one = two = three = None
+            if one is None or (three is not None and three != one + 2 * (two - one)):  # to the byte, or not linear
+                self.parts = None  # measure the whole model from here on
+                self.cache.clear()
+                return self(tokens)
+            self.checked = True
             value = one + (self.layers - 1) * (two - one)
-            if not self.checked:
-                self.checked = True
-                three = self._peak(_first_layers(self.model, 3), tokens)
-                if abs(three - (one + 2 * (two - one))) > max(2**20, 1e-3 * three):
-                    self.parts = None  # not linear in the layers: measure the whole model from here on
-                    self.cache.clear()
-                    return self(tokens)
         else:
             value = self._peak(self.model, tokens)
         self.cache[tokens] = value
@@ -418,7 +440,7 @@ def plan_step(model: nn.Module, seq_len: int, budget: int, *, batch: int = 1, sp
         fit, _ = longest(lambda s: st.device + act(s), budget, 1024 * sp, known=(seq_len,))
         plan.rows[name] = (a, st.device + a, fit)
         plan.evaluations += cost.evaluations
-        plan.layers_measured[name] = cost.layers if cost.parts is None else (1, 2, 3)
+        plan.layers_measured[name] = cost.measured
     measured = plan.layers_measured
     shortcut = all(v == (1, 2, 3) for v in measured.values())
     plan.assumptions = [

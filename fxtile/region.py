@@ -11,11 +11,11 @@ there), so it is freed with the model that owns it.
 the shard count and calls the op (or the region directly when one shard is enough). :class:`TiledLoss`
 does the same for a projection and its cross-entropy; :func:`tiled` picks the class a plan needs.
 
-A call whose input has another dtype or device than the region's weights never enters the op
-(:meth:`TiledRegion.mismatched`): there it would fail dozens of frames deep in ``torch._library`` and
-dynamo. It runs the region untiled instead, as the untouched model would: it raises at the call, the
-untiled region's own error with the region's name, or, where the region casts its input itself, returns
-what the untouched region returns (and says once that the call ran untiled).
+A call whose input has another dtype or device than the region's weights (:meth:`TiledRegion.mismatched`)
+is first tried untiled on one row: a region that casts or moves its input itself takes it, and the call
+runs tiled as any other. One the region refuses never enters the op, where it would fail dozens of frames deep
+in ``torch._library`` and dynamo: it runs the region untiled, as the untouched model would, and so raises
+at the call, the untiled region's own error with the region's name and the remedy.
 """
 
 from __future__ import annotations
@@ -221,20 +221,39 @@ class TiledRegion:
                     "torch.autocast")
         return None
 
+    def accepts(self, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], modes: Sequence[bool]) -> bool:
+        """Does the untiled region run on these rows (a region that casts or moves its input itself)? Tried on
+        the first row, without gradients and with the random state put back (a region with dropout draws
+        the same numbers afterwards): then the call goes to the op as any other."""
+        cuda = torch.cuda.is_available()  # (a fake CUDA tensor on a CPU-only build has no generator to save)
+        devices = sorted({t.device.index or 0 for t in (*rows, *tensors) if cuda and t.device.type == "cuda"})
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                self.region.run([r[:1] for r in rows], tensors, modes)
+        except (RuntimeError, TypeError, ValueError):
+            return False
+        return True
+
     def run_mismatched(self, mismatch: tuple[str, str], rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
                        modes: Sequence[bool]) -> torch.Tensor:
-        """The region untiled on an input :meth:`mismatched` refused, as the untouched model runs it: its own
-        error, raised here with the region's name and the remedy (one short traceback instead of the op's),
-        or its result where the region casts the input itself (said once)."""
+        """The region untiled on an input :meth:`mismatched` refused and :meth:`accepts` did not take, as the
+        untouched model runs it: its own error, raised here with the region's name and the remedy (one short
+        traceback instead of the op's; out-of-memory errors as they are), or its result (said once)."""
         why, remedy = mismatch
         try:
             out = self.region.run(rows, tensors, modes)
-        except (RuntimeError, TypeError, ValueError) as exc:  # as the builtin type: subclasses take other arguments
-            kind = next(k for k in (RuntimeError, TypeError, ValueError) if isinstance(exc, k))
-            raise kind(f"fxtile: {self.describe()} {why} (untiled: {exc}); {remedy}") from None
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as exc:
+            message = f"fxtile: {self.describe()} {why} (untiled: {exc}); {remedy}"
+            try:
+                error = type(exc)(message)
+            except Exception:  # noqa: BLE001 - a subclass that takes other arguments: its builtin base
+                error = next(k for k in (RuntimeError, TypeError, ValueError) if isinstance(exc, k))(message)
+            raise error from None
         if not self._warned_mismatch:
             self._warned_mismatch = True
-            warnings.warn(f"fxtile: {self.describe()} ran untiled for this call: it {why}", stacklevel=4)
+            warnings.warn(f"fxtile: {self.describe()} ran untiled for this call: it {why}", stacklevel=5)
         return out
 
     @staticmethod
@@ -261,7 +280,7 @@ class TiledRegion:
         lead = inputs[0].shape[:-1] if self.region.inputs[0].width is not None else inputs[0].shape
         rows = [t.reshape(lead.numel(), *t.shape[len(lead):]) for t in inputs]
         mismatch = self.mismatched(inputs[0], tensors)
-        if mismatch is not None:
+        if mismatch is not None and not self.accepts(rows, tensors, modes):
             out = self.run_mismatched(mismatch, rows, tensors, modes)
             return out.reshape(*lead, *out.shape[1:])
         plan = self.call_plan(rows[0].shape[0])
@@ -302,7 +321,7 @@ class TiledLoss(TiledRegion):
         modes = self.live_modes(modules)
         h, targets = inputs
         mismatch = self.mismatched(h, tensors)
-        if mismatch is not None:
+        if mismatch is not None and not self.accepts(inputs, tensors, modes):
             return self.run_mismatched(mismatch, inputs, tensors, modes)
         if not self.region.loss.flattened and h.dim() != 2:
             return self._untiled(f"its logits are {h.dim()}-D and never flattened to rows", inputs, tensors, modes)

@@ -237,9 +237,10 @@ def _structure(module: nn.Module) -> tuple:
     def plain(sub: nn.Module) -> tuple:
         out = []
         for k, v in sorted(vars(sub).items()):
-            if k.startswith("_"):
-                continue
-            out.append((k, v) if v is None or type(v) in (int, float, str, bool) else (k, type(v).__name__, id(v)))
+            if v is None or type(v) in (int, float, str, bool):  # private ones too (a per-bank _experts_implementation)
+                out.append((k, v))
+            elif not k.startswith("_"):  # torch's own dicts (_parameters, hooks) are per module: not structure
+                out.append((k, type(v).__name__, id(v)))
         return tuple(out)
 
     return (type(module), tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in module.named_parameters()),

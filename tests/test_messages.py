@@ -223,19 +223,23 @@ class _CastingLinear(nn.Linear):
         return super().forward(x.to(self.weight.dtype))
 
 
-def test_a_region_that_casts_its_input_itself_takes_other_dtypes_as_untiled():
+def test_a_region_that_casts_its_input_itself_takes_other_dtypes_and_still_runs_tiled():
+    """The untouched region takes a float64 input (its projections cast it): the tiled call finds so on fake
+    tensors and runs tiled, exact, with nothing to say."""
     torch.manual_seed(0)
     model = M.Odd()
     model.wa, model.wb = _CastingLinear(12, 28), _CastingLinear(12, 28)
     tiled = tiled_copy(model, shards=2)
-    x = torch.randn(2, 8, 12, dtype=torch.float64)
+    x = torch.randn(2, 8, 12, dtype=torch.float64, requires_grad=True)
     ref = model(x)  # no error untiled
-    with pytest.warns(UserWarning, match=r"tiled region gated_0 \(wb, wa, wo\) ran untiled for this call: it got a "
-                                         r"float64 input, but its weights are float32"):
-        out = []
-        assert ran_tiled(tiled, lambda: out.append(tiled(x))) == (0, 0)  # the untiled region ran, not the op
+    ref.sum().backward()
+    expected, x.grad = x.grad, None
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even "ran untiled"
+        assert ran_tiled(tiled, lambda: out.append(tiled(x)) or out[0].sum().backward()) == (2, 2)
     torch.testing.assert_close(out[0], ref, atol=1e-5, rtol=1e-5)
-    assert ran_tiled(tiled, lambda: tiled(x.float())) == (2, 0)  # a matching input runs tiled
+    torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_weights_of_mixed_dtypes_are_left_to_the_region():
@@ -349,3 +353,27 @@ def test_a_deep_copy_of_a_called_tiled_model_warns_nothing():
         twin = copy.deepcopy(model)
     assert [str(w.message) for w in seen] == []
     torch.testing.assert_close(twin(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)
+
+
+class _CastingDropout(nn.Module):
+    """Casts its input itself, then a dropout: the one-row try must not draw from the generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.drop = nn.Linear(12, 40), nn.Linear(40, 12), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.down(self.drop(F.silu(self.up(x.to(self.up.weight.dtype)))))
+
+
+def test_trying_a_mismatched_input_draws_no_random_numbers():
+    torch.manual_seed(0)
+    tiled = tiled_copy(_CastingDropout().train(), shards=2)
+    x = torch.randn(2, 8, 12)
+    states = []
+    for given in (x, x.double()):  # the same call, matching and mismatched: the same draws
+        torch.manual_seed(1)
+        out = tiled(given)
+        states.append((torch.get_rng_state(), out))
+    assert torch.equal(states[0][0], states[1][0])
+    torch.testing.assert_close(states[1][1], states[0][1])
