@@ -43,7 +43,7 @@ import fxtile  # noqa: E402
 from fxtile import testing, tiny  # noqa: E402
 from fxtile.tiny import EXPERTS, FFN_WIDTHS, HIDDEN  # noqa: E402
 
-__all__ = ["Result", "architectures", "check", "default_config", "format_table", "sweep"]
+__all__ = ["Result", "architectures", "check", "default_config", "expectation", "expected", "format_table", "kinds", "sweep"]
 
 SHARDS = tiny.SHARDS
 
@@ -333,6 +333,26 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+EXPECTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "coverage_expected.json")
+
+
+def kinds(result: Result) -> list[str]:
+    """The kinds of region tiled anywhere in the architecture (``gated``, ``routed_experts``, ...)."""
+    return sorted({p for layer in (result.patterns or []) for p in layer})
+
+
+def expectation(results: list[Result]) -> str:
+    """The checked-in expectation (``coverage_expected.json``): per architecture, its status and the kinds of
+    region it tiles, one line each, so that a diff shows which architecture changed."""
+    lines = [f'  "{r.arch}": {json.dumps({"status": r.status, "kinds": kinds(r)})}' for r in sorted(results, key=lambda r: r.arch)]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def expected() -> dict[str, dict]:
+    with open(EXPECTED) as f:
+        return json.load(f)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("archs", nargs="*", help="model types (default: every registered causal LM)")
@@ -341,6 +361,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--mem-gb", type=float, default=3.0, help="address-space cap per worker, on top of the imports")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--loss", action="store_true", help="also tile and verify each head and loss (loss=True)")
+    parser.add_argument("--write-expected", action="store_true",
+                        help=f"write {os.path.basename(EXPECTED)}, the per-architecture expectation the tests hold the sweep to")
     args = parser.parse_args(argv)
     archs = args.archs or list(architectures())
     start = time.time()
@@ -350,6 +372,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
+    if args.write_expected:
+        with open(EXPECTED, "w") as f:
+            f.write(expectation(results))
     return 0
 
 

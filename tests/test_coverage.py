@@ -8,10 +8,12 @@ of 2 x 7 tokens, and requiring that every tiled block ran tiled in that call (th
 per-call fallback).
 
 Per architecture: a wrong output or gradient, or a tiled block that ran untiled, fails (never
-acceptable); an architecture that does
-not build from a tiny config, or whose feed-forward compute is not tiled in every layer, is skipped
-with the measured reason (``pytest -ra`` lists them). ``test_coverage_summary`` requires at least 95%
-of the architectures that build to be tiled in every layer with exact gradients.
+acceptable); so does an architecture that ``coverage_expected.json`` (checked in, written by
+``python tests/coverage_sweep.py --write-expected``) lists as tiled and that is no longer tiled in every
+layer, or tiles other kinds of region. One that does not build from a tiny config, or whose
+feed-forward compute is not tiled in every layer and never was, is skipped with the measured reason
+(``pytest -ra`` lists them). ``test_coverage_summary`` requires at least 95% of the architectures that
+build to be tiled in every layer with exact gradients.
 
 Run time: about 196 architectures at 2 workers; set ``FXTILE_COVERAGE=0`` to skip the sweep (e.g. for
 a quick local run), or ``FXTILE_COVERAGE=arch1,arch2`` to sweep only those.
@@ -46,9 +48,16 @@ def sweep_results() -> dict[str, S.Result]:
     return {r.arch: r for r in results}
 
 
+EXPECTED = S.expected()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_architecture(arch, sweep_results):
     r = sweep_results[arch]
+    was = EXPECTED.get(arch, {})
+    if was.get("status") == "tiled":  # a regression is a failure, not a skip
+        assert r.status == "tiled", f"{arch} was tiled in every layer and is now {r.status}: {r.detail}"
+        assert S.kinds(r) == was["kinds"], f"{arch} tiled {was['kinds']} and now tiles {S.kinds(r)}"
     if r.status in NOT_BUILT:
         pytest.skip(f"{arch} does not build or run from a tiny config: {r.detail}")
     assert r.status != "mismatch", f"{arch}: tiled model differs from the untouched one: {r.detail} (max error {r.max_error})"
