@@ -23,6 +23,7 @@ from torch import nn
 
 from . import distributed
 from .blocks import KINDS, Context, Declined, Planned
+from .build import Verdicts
 from .state import CHECK_REFUSALS, STATE, TileState
 from .passes.experts import looks_like_experts, meta_probes_once
 from .passes.loss_head import LOSS_PATTERNS
@@ -314,7 +315,7 @@ def transform(
     walk = _Walk(filter_fn, _patterns(loss), retile=policy)
     built: list[tuple[nn.Module, TileState]] = []
     refused: list[tuple[nn.Module, list[Skipped]]] = []
-    checked: dict = {}  # self-check verdicts and memory profiles by region structure: identical layers once
+    checked = Verdicts()  # self-check verdicts and memory profiles by region structure: identical layers once
     try:
         with meta_probes_once():  # 32 banks of one structure on meta: probed once
             walk.visit("", model)

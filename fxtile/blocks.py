@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .build import Built, bank_record, build_bank, record, signed, tile_graph
+from .build import Built, Verdicts, bank_record, build_bank, record, signed, tile_graph
 from .state import TileState
 from .passes.candidate import Rejection
 from .passes.experts import ExpertsMatch, looks_like_experts, match_experts
@@ -74,9 +74,9 @@ class Planned:
     payload: object  # the kind's own: a traced graph and its candidates, an expert match, a per-call trace
     attr: str = "forward"
 
-    def build(self, policy: ShardPolicy, verify: bool, checked: dict) -> Built:
-        """``checked``: self-check verdicts and memory profiles by region structure, shared by every block of
-        one ``transform`` (see :func:`fxtile.build.tile_graph`)."""
+    def build(self, policy: ShardPolicy, verify: bool, checked: Verdicts) -> Built:
+        """``checked``: the self-check verdicts and memory profiles of the whole ``transform``
+        (:class:`fxtile.build.Verdicts`)."""
         return self.kind.build(self, policy, verify, checked)
 
 
@@ -86,7 +86,7 @@ class BlockKind:
     def plan(self, module: nn.Module, ctx: Context) -> Union[Planned, list[Skipped], Declined]:
         raise NotImplementedError
 
-    def build(self, planned: Planned, policy: ShardPolicy, verify: bool, checked: dict) -> Built:
+    def build(self, planned: Planned, policy: ShardPolicy, verify: bool, checked: Verdicts) -> Built:
         raise NotImplementedError
 
 

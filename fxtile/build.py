@@ -39,7 +39,7 @@ from .region import Region, TiledRegion, tiled as tiled_callable
 from .selfcheck import Check, structure_key
 from .state import TileState
 
-__all__ = ["Built", "signed", "bank_record", "build_bank", "record", "tile_graph"]
+__all__ = ["Built", "Verdicts", "signed", "bank_record", "build_bank", "record", "tile_graph"]
 
 def signed(function: Callable, original: Callable) -> Callable:
     """``function`` as installed in place of ``original``: a copy of the function object (the same code, so no
@@ -116,36 +116,42 @@ def _warn_about_hooks(path: str, root: nn.Module, cand: Candidate, prefix: str) 
         )
 
 
-def check_and_profile(tiled: TiledRegion, root: nn.Module, verify: bool, checked: dict) -> Check:
-    """The self-check's verdict on ``root``'s live tensors and modes, and the region's memory profile (what
-    ``shards="auto"`` decides each call by), both kept in ``checked`` by the region's structure."""
-    tensors = [get_path(root, p) for p in tiled.tensor_paths]
-    modes = tiled.live_modes([get_path(root, p) for p in tiled.module_paths])
-    tiled.itemsize = next((t.element_size() for t in tensors if t.is_floating_point()), 4)
-    key = structure_key(tiled, tensors, modes)
-    if key not in checked:
-        check = selfcheck.check_region(tiled, tensors, modes) if verify else Check(None, None, "not verified (verify=False)")
-        found = memory.profile(tiled.region, tensors, modes) if check.passed is not False else "not profiled"
-        checked[key] = (check, found)
-    check, found = checked[key]
-    tiled.set_profile(None, found) if isinstance(found, str) else tiled.set_profile(found, "profiled")
-    return check
+class Verdicts:
+    """Self-check verdicts and memory profiles by region structure (:func:`fxtile.selfcheck.structure_key`),
+    for one ``transform`` and the blocks it traces per call later: a model's identical layers are checked
+    and profiled once, and a call signature traced after ``transform`` reuses the verdict its region got
+    there (before any wrapper such as FSDP's swaps its parameters for views mid-forward)."""
+
+    def __init__(self) -> None:
+        self._by_structure: dict[tuple, tuple[Check, object]] = {}
+
+    def check_and_profile(self, tiled: TiledRegion, root: nn.Module, verify: bool) -> Check:
+        """The self-check's verdict on ``root``'s live tensors and modes, and the region's memory profile
+        (what ``shards="auto"`` decides each call by), set on ``tiled``."""
+        tensors = [get_path(root, p) for p in tiled.tensor_paths]
+        modes = tiled.live_modes([get_path(root, p) for p in tiled.module_paths])
+        tiled.itemsize = next((t.element_size() for t in tensors if t.is_floating_point()), 4)
+        key = structure_key(tiled, tensors, modes)
+        if key not in self._by_structure:
+            check = selfcheck.check_region(tiled, tensors, modes) if verify else Check(None, None, "not verified (verify=False)")
+            found = memory.profile(tiled.region, tensors, modes) if check.passed is not False else "not profiled"
+            self._by_structure[key] = (check, found)
+        check, found = self._by_structure[key]
+        tiled.set_profile(None, found) if isinstance(found, str) else tiled.set_profile(found, "profiled")
+        return check
 
 
 def tile_graph(
     path: str, gm: fx.GraphModule, candidates: list[Candidate], policy: ShardPolicy, verify: bool,
-    root: nn.Module, checked: dict, prefix: str = "", method: str = "forward",
+    root: nn.Module, checked: Verdicts, prefix: str = "", method: str = "forward",
 ) -> tuple[list[Match], list[TiledRegion], list[Skipped]]:
     """Build each region once, check and profile it, and rewrite ``gm`` with the regions that pass (in place).
 
-    ``checked``: verdicts and profiles by region structure (:func:`fxtile.selfcheck.structure_key`), shared by
-    the blocks of one transform: identical layers are checked once, and a block traced per call that builds
-    the same region again for another call signature reuses the verdict it got at transform (before any
-    wrapper such as FSDP's swaps its parameters for views mid-forward)."""
+    ``checked``: the :class:`Verdicts` of the whole transform."""
     matches, regions, skipped, kept = [], [], [], []
     for i, cand in enumerate(candidates):
         tiled = tiled_callable(cut_region(gm, cand, f"{cand.pattern}_{i}"), policy, path)
-        check = check_and_profile(tiled, root, verify, checked)
+        check = checked.check_and_profile(tiled, root, verify)
         if check.passed is False:
             nodes = ", ".join(n.name for n in cand.nodes)
             skipped.append(Skipped(path, Why.SELF_CHECK, f"{cand.pattern} region {nodes}: {check.detail}", cand.pattern))
@@ -216,10 +222,10 @@ def _bank_plan_on_meta(module: nn.Module, spec: RegionSpec):
 
 
 def build_bank(path: str, module: nn.Module, bank: ExpertsMatch, policy: ShardPolicy, verify: bool,
-               checked: dict) -> Built:
+               checked: Verdicts) -> Built:
     spec = bank_region(module, bank, "routed_experts_0")
     tiled = TiledRegion(Region(dataclasses.replace(spec, plan=bank_plan(module, spec, bank))), policy, path)
-    check = check_and_profile(tiled, module, verify, checked)
+    check = checked.check_and_profile(tiled, module, verify)
     if check.passed is False:
         return Built(None, [Skipped(path, Why.SELF_CHECK, f"expert bank: {check.detail}", "routed_experts")])
     gm = experts_forward(module, bank, tiled)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import memory
-from .build import tile_graph
+from .build import Verdicts, tile_graph
 from .state import STATE
 from .passes.match import match_block
 from .passes.specialize import ROOT, Binder, CallSpec, call_spec, trace_call
@@ -78,7 +78,7 @@ class PerCall:
     patterns: tuple
     policy: ShardPolicy
     verify: bool
-    checked: dict = field(default_factory=dict)  # self-check verdicts and profiles by structure (see tile_graph)
+    checked: Verdicts = field(default_factory=Verdicts)  # the transform's verdicts and profiles, by structure
     structures: dict = field(default_factory=dict)  # opaque submodules' output types (see output_structures)
     cache: _SpecCache = field(default_factory=_SpecCache)
     untiled_calls: int = 0
