@@ -32,9 +32,9 @@ from .build import Built, Verdicts, bank_record, build_bank, record, signed, til
 from .state import TileState
 from .passes.candidate import Rejection
 from .passes.experts import ExpertsMatch, looks_like_experts, match_experts
-from .passes.match import match_block
+from .passes.match import Found, Untraced, match_block
 from .passes.patterns import Pattern
-from .passes.specialize import ROOT, Binder, bound_signature, default_spec, output_structures, probe_specs, trace_call
+from .passes.specialize import ROOT, Binder, CallSpec, bound_signature, default_spec, output_structures, probe_specs, trace_call
 from .passes.trace import trace
 from .percall import Entry, PerCall, per_call_forward
 from .policy import ShardPolicy
@@ -71,7 +71,7 @@ class Planned:
     path: str
     module: nn.Module
     matches: list[Match]  # untiled, as ``find`` reports them
-    payload: object  # the kind's own: a traced graph and its candidates, an expert match, a per-call trace
+    payload: object  # the kind's own: a Found (traced block), an ExpertsMatch (bank), a PerCallPlan
     attr: str = "forward"
 
     def build(self, policy: ShardPolicy, verify: bool, checked: Verdicts) -> Built:
@@ -105,18 +105,18 @@ class TracedBlock(BlockKind):
     def plan(self, module, ctx):
         result = match_block(lambda leaves: _traced_or_reason(module, leaves), ctx.leaves, ctx.patterns,
                              lambda gm: module, "")
-        if isinstance(result, str):
-            return Declined(result)
-        gm, candidates, rejections = result
-        if not candidates:
-            return refusals(ctx.path, rejections)
-        if any(c.escapes for c in candidates):  # logits returned beside the loss: calls without grad need them
+        if isinstance(result, Untraced):
+            return Declined(result.reason)
+        if not result.candidates:
+            return refusals(ctx.path, result.rejections)
+        if any(c.escapes for c in result.candidates):  # logits returned beside the loss: calls without grad need them
             return Declined("it returns the logits beside the loss, so it is traced per call (with and without grad)")
-        return Planned(self, ctx.path, module, [record(ctx.path, c) for c in candidates], (gm, candidates))
+        return Planned(self, ctx.path, module, [record(ctx.path, c) for c in result.candidates], result)
 
     def build(self, planned, policy, verify, checked):
-        gm, candidates = planned.payload
-        matches, regions, skipped = tile_graph(planned.path, gm, candidates, policy, verify, planned.module, checked)
+        found: Found = planned.payload
+        gm = found.graph_module
+        matches, regions, skipped = tile_graph(planned.path, gm, found.candidates, policy, verify, planned.module, checked)
         function = signed(type(gm).forward, type(planned.module).forward)
         state = TileState(self.name, "forward", function, matches, regions, policy) if regions else None
         return Built(state, skipped)
@@ -159,25 +159,24 @@ class PerCallBlock(BlockKind):
             return Declined("its forward takes no required argument")
         structures: dict = {}
         results = self._trace_calls(module, ctx, specs, function, structures)
-        failed = next((s for s, r in results if isinstance(r, str)), None)
-        if failed is not None and not any(not isinstance(r, str) and r[1] for _, r in results) \
+        failed = next((s for s, r in results if isinstance(r, Untraced)), None)
+        if failed is not None and not any(isinstance(r, Found) and r.candidates for _, r in results) \
                 and any(p.nests for p in ctx.patterns):
             structures = output_structures(module, failed, function)
             if structures:
                 results = self._trace_calls(module, ctx, specs, function, structures)
-        traced_ok = [(s, r) for s, r in results if not isinstance(r, str)]
-        spec, result = next(((s, r) for s, r in traced_ok if r[1]), None) or next(
-            ((s, r) for s, r in traced_ok if r[2]), None) or results[0]
-        if isinstance(result, str):
-            return Declined(result)
-        traced, candidates, rejections = result
-        if not candidates:
-            if rejections:
-                first = refusals(ctx.path, rejections)[0]
+        traced_ok = [(s, r) for s, r in results if isinstance(r, Found)]
+        spec, result = next(((s, r) for s, r in traced_ok if r.candidates), None) or next(
+            ((s, r) for s, r in traced_ok if r.rejections), None) or results[0]
+        if isinstance(result, Untraced):
+            return Declined(result.reason)
+        if not result.candidates:
+            if result.rejections:
+                first = refusals(ctx.path, result.rejections)[0]
                 return Declined(f"traced per call: {first.reason}", refused=True, pattern=first.pattern)
-            return Declined(f"traced per call, no region in its graph{_why_no_region(traced, results)}")
-        matches = [record(ctx.path, c, attr, prefix=ROOT) for c in candidates]
-        return Planned(self, ctx.path, module, matches, (spec, traced, ctx.patterns, candidates, structures), attr)
+            return Declined(f"traced per call, no region in its graph{_why_no_region(result.traced, results)}")
+        matches = [record(ctx.path, c, attr, prefix=ROOT) for c in result.candidates]
+        return Planned(self, ctx.path, module, matches, PerCallPlan(spec, result, ctx.patterns, structures), attr)
 
     @staticmethod
     def _trace_calls(module: nn.Module, ctx: Context, specs: list, function: Callable, structures: dict) -> list:
@@ -188,30 +187,42 @@ class PerCallBlock(BlockKind):
         leaves = ctx.leaves
         with torch.enable_grad():  # planned for a training call
             for spec in specs:
-                results.append((spec, match_block(
-                    lambda leaves: trace_call(module, spec, leaves, function, structures), leaves, ctx.patterns,
-                    lambda t: t.root, ROOT)))
-                if not isinstance(results[-1][1], str):
-                    if results[-1][1][1]:
+                result = match_block(lambda leaves: trace_call(module, spec, leaves, function, structures), leaves,
+                                     ctx.patterns, lambda t: t.root, ROOT)
+                results.append((spec, result))
+                if isinstance(result, Found):
+                    if result.candidates:
                         break  # the first call whose graph holds a region
-                    leaves = leaves | results[-1][1][0].leaves
-                elif len(results) > 1 and results[-2][1] == results[-1][1]:
+                    leaves = leaves | result.traced.leaves
+                elif len(results) > 1 and results[-2][1] == result:
                     break
         return results
 
     def build(self, planned, policy, verify, checked):
         module, attr = planned.module, planned.attr
-        spec, traced, patterns, candidates, structures = planned.payload
+        plan: PerCallPlan = planned.payload
+        traced = plan.found.traced
         function = getattr(type(module), attr)
-        matches, regions, skipped = tile_graph(planned.path, traced.graph_module, candidates, policy, verify,
+        matches, regions, skipped = tile_graph(planned.path, traced.graph_module, plan.found.candidates, policy, verify,
                                                traced.root, checked, ROOT, attr)
         if not regions:
             return Built(None, skipped)
         per_call = PerCall(planned.path, attr, function, Binder.of(bound_signature(module, function)), traced.leaves,
-                           patterns, policy, verify, checked, structures)
-        per_call.cache[spec.key] = Entry(traced.graph_module, traced.root, traced.out_spec, regions)
+                           plan.patterns, policy, verify, checked, plan.structures)
+        per_call.cache[plan.spec.key] = Entry(traced.graph_module, traced.root, traced.out_spec, regions)
         state = TileState(self.name, attr, signed(per_call_forward, function), matches, regions, policy, per_call, traced.root)
         return Built(state, skipped)
+
+
+@dataclass(frozen=True)
+class PerCallPlan:
+    """A :class:`PerCallBlock`'s payload: the call signature whose graph holds the regions, what matching its
+    graph found, the patterns looked for, and the output types of opaque submodules the trace used."""
+
+    spec: CallSpec
+    found: Found
+    patterns: tuple[Pattern, ...]
+    structures: dict
 
 
 def _why_no_region(traced, results) -> str:
@@ -220,7 +231,7 @@ def _why_no_region(traced, results) -> str:
               if m in traced.leaves and any(p.dim() == 2 for p in m.parameters(recurse=False))]
     why = (f": its projections sit in {', '.join(opaque)}, which fxtile does not recognize as linear layers "
            "and whose code does not trace, so they stay opaque") if opaque else ""
-    failed = next((r for _, r in results if isinstance(r, str)), None)  # e.g. the call with labels
+    failed = next((r.reason for _, r in results if isinstance(r, Untraced)), None)  # e.g. the call with labels
     return why + (f"; a call with one more argument (as labels would be) did not trace: {failed}" if failed else "")
 
 

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from . import memory
 from .build import Verdicts, tile_graph
 from .state import STATE
-from .passes.match import match_block
+from .passes.match import Untraced, match_block
 from .passes.specialize import ROOT, Binder, CallSpec, call_spec, trace_call
 from .policy import ShardPolicy
 from .region import TiledRegion
@@ -108,9 +108,9 @@ class PerCall:
     def _built(self, module: nn.Module, spec: CallSpec) -> Union[Entry, _Untiled]:
         result = match_block(lambda leaves: trace_call(module, spec, leaves, self.original, self.structures), self.leaves,
                              self.patterns, lambda t: t.root, ROOT)
-        if isinstance(result, str):
-            return _Untiled(result)
-        traced, candidates, rejections = result
+        if isinstance(result, Untraced):
+            return _Untiled(result.reason)
+        traced, candidates, rejections = result.traced, result.candidates, result.rejections
         if not candidates:
             expected = not rejections and all(p.nests for p in self.patterns)  # a head called without a loss
             reason = rejections[0].reason if rejections else "no region in the graph of this call"

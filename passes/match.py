@@ -33,7 +33,7 @@ from .patterns import MLP_PATTERNS, Pattern
 from .specialize import Traced
 from .trace import outside_modules
 
-__all__ = ["FILTERS", "find_candidates", "match_block"]
+__all__ = ["FILTERS", "Found", "Untraced", "find_candidates", "match_block"]
 
 _TRANSPOSE_TARGETS = {
     torch.transpose, torch.permute, torch.swapaxes, torch.movedim, torch.t,
@@ -129,24 +129,47 @@ def find_candidates(
     return sorted(accepted, key=lambda c: labels.order[c.exit]), rejected
 
 
+@dataclasses.dataclass(frozen=True)
+class Untraced:
+    """A block with no graph to match: why, in words (the tracer's error, or what it met)."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """What matching a block's graph gave: the graph (an ``fx.GraphModule``, or a per-call :class:`Traced`
+    that holds one), the regions found in it and the instances refused, each with its reason."""
+
+    traced: Union[fx.GraphModule, Traced]
+    candidates: list[Candidate]
+    rejections: list[Rejection]
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return _graph(self.traced)
+
+
+def _graph(traced: Union[fx.GraphModule, Traced]) -> fx.GraphModule:
+    return traced.graph_module if isinstance(traced, Traced) else traced
+
+
 def match_block(
     trace_fn: Callable[[frozenset], Union[fx.GraphModule, Traced, str]], leaves: frozenset, patterns, root_of, prefix: str
-):
+) -> Union[Found, Untraced]:
     """Trace, match, and trace again with every traced-through module that holds no region node as a
-    leaf (so its hooks keep running). Returns (traced, candidates, rejections) or a reason string."""
+    leaf (so its hooks keep running)."""
     traced = trace_fn(leaves)
     if isinstance(traced, str):
-        return traced
-    gm = traced.graph_module if isinstance(traced, Traced) else traced
-    candidates, rejections = find_candidates(gm, patterns)
-    if not candidates:
-        return traced, candidates, rejections
-    outside = outside_modules(root_of(traced), gm, [n for c in candidates for n in c.nodes], prefix)
+        return Untraced(traced)
+    found = Found(traced, *find_candidates(_graph(traced), patterns))
+    if not found.candidates:
+        return found
+    outside = outside_modules(root_of(traced), found.graph_module, [n for c in found.candidates for n in c.nodes], prefix)
     if outside:
         again = trace_fn(leaves | frozenset(outside))
         if not isinstance(again, str):
-            gm2 = again.graph_module if isinstance(again, Traced) else again
-            candidates2, rejections2 = find_candidates(gm2, patterns)
-            if [(c.pattern, c.roles) for c in candidates2] == [(c.pattern, c.roles) for c in candidates]:
-                return again, candidates2, rejections2
-    return traced, candidates, rejections
+            second = Found(again, *find_candidates(_graph(again), patterns))
+            if [(c.pattern, c.roles) for c in second.candidates] == [(c.pattern, c.roles) for c in found.candidates]:
+                return second
+    return found
