@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from . import tiny
-from .noise import quiet_library_noise
 from .api import Matches, find, transform
 from .estimate import MlpMemory, mlp_memory, total_peak
+from .noise import quiet_library_noise
 from .passes.experts import TOP_K_NAMES
 from .planner import plan_step
 from .policy import as_policy
@@ -41,6 +41,7 @@ __all__ = ["ConvertError", "convert"]
 class ConvertError(Exception):
     """A model that cannot be read or built, or a plan that cannot be written: the CLI exits 2 with this
     one-line message."""
+
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

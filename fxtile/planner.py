@@ -301,6 +301,12 @@ class Plan:
     assumptions: list = field(default_factory=list)
 
 
+def _text_config(model: nn.Module) -> object:
+    """A transformers model's (text) config, or None."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _layer_list(model: nn.Module) -> Optional[tuple[nn.Module, str]]:
     """``(parent, attribute)`` of the ``nn.ModuleList`` that holds ``model``'s decoder layers, or None where
     they are not known for sure: transformers' checkpointing layers, or a list as long as the config's
@@ -314,9 +320,7 @@ def _layer_list(model: nn.Module) -> Optional[tuple[nn.Module, str]]:
         known = all(isinstance(layer, GradientCheckpointingLayer) for layer in layers)
     except ImportError:
         known = False
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not known and getattr(text, "num_hidden_layers", None) != len(layers):
+    if not known and getattr(_text_config(model), "num_hidden_layers", None) != len(layers):
         return None
     for parent in model.modules():
         for name, child in parent.named_children():
@@ -335,12 +339,7 @@ def _layer_signature(layer: nn.Module) -> tuple:
 def _alike_layers(model: nn.Module) -> bool:
     """True when every decoder layer is built the same way (same modules, same parameter shapes, one layer
     type in the config): then the step's peak grows by the same bytes with each layer."""
-    text = getattr(model, "config", None)
-    try:
-        text = text.get_text_config()
-    except AttributeError:
-        pass
-    kinds = getattr(text, "layer_types", None)
+    kinds = getattr(_text_config(model), "layer_types", None)
     if isinstance(kinds, (list, tuple)) and len(set(kinds)) > 1:  # sliding and full attention, linear attention
         return False
     layers = _layers(model)
