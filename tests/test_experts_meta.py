@@ -10,7 +10,7 @@ from torch import nn
 import fxtile
 from fxtile import memory
 from fxtile.estimate import mlp_memory
-from fxtile.build import build_bank
+from fxtile.build import Verdicts, build_bank
 from fxtile.passes.experts import ExpertsMatch, match_experts, shrink_factor, shrunk_bank
 
 T = pytest.importorskip("transformers")
@@ -102,7 +102,7 @@ def _regions(dtype):
     def region(bank):
         found = match_experts(bank)
         assert isinstance(found, ExpertsMatch), found
-        return build_bank("bank", bank, found, fxtile.ShardPolicy(), False, {}).state.regions[0]
+        return build_bank("bank", bank, found, fxtile.ShardPolicy(), False, Verdicts()).state.regions[0]
     real, meta = _mixtral_bank("cpu", dtype=dtype), _mixtral_bank("meta", dtype=dtype)
     return real, region(real), meta, region(meta)
 
