@@ -56,8 +56,9 @@ _PAUSED: contextvars.ContextVar[frozenset] = contextvars.ContextVar("fxtile_live
 def uncounted() -> Iterator[None]:
     """What runs inside is no part of what the :class:`LiveBytes` counters active at entry count (counters
     entered inside count as usual). For fxtile's own one-time work during a counted step: a block traced
-    per call builds its graph on its first call, copying each region's weights onto meta (free on a real
-    device, a storage on meta), which a real run does once, in its first step."""
+    per call builds its graph on its first call (copying each region's weights onto meta, checking and
+    profiling a new region), which a real run does once, in its first step, and the planner does not count.
+    The counters are this thread's (a context variable): the meta steps the planner counts run on its own."""
     token = _PAUSED.set(_PAUSED.get() | {id(counter) for counter in _ACTIVE.get()})
     try:
         yield
@@ -99,11 +100,11 @@ class LiveBytes(TorchDispatchMode):
         self._refs[key] = weakref.ref(storage, freed)
 
     def __enter__(self):
-        self._active = _ACTIVE.set(_ACTIVE.get() + (self,))
+        self._entered = getattr(self, "_entered", []) + [_ACTIVE.set(_ACTIVE.get() + (self,))]
         return super().__enter__()
 
     def __exit__(self, *exc):
-        _ACTIVE.reset(self._active)
+        _ACTIVE.reset(self._entered.pop())
         return super().__exit__(*exc)
 
     def counting(self) -> bool:

@@ -93,7 +93,7 @@ class ShardPolicy:
 
     def __post_init__(self) -> None:
         if self.shards is not None:
-            _check_shards(self.shards)
+            _check_shards(self.shards, "ShardPolicy.shards must be a positive int, or None for the automatic rule")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
             raise ValueError(f"ShardPolicy.min_tokens must be a positive int, got {self.min_tokens!r}")
         for name in ("budget", "loss_budget"):
@@ -188,9 +188,9 @@ class Thresholds:
         return CallPlan(shards, self.fp32_from is not None and rows >= self.fp32_from)
 
 
-def _check_shards(shards: object) -> None:
+def _check_shards(shards: object, what: str = "shards must be 'auto', a positive int or a ShardPolicy") -> None:
     """The one check of a shard count (``transform``'s ``shards``, ``ShardPolicy.shards``, ``--shards``)."""
-    wrong = f"shards must be 'auto', a positive int or a ShardPolicy, got {type(shards).__name__} {shards!r}"
+    wrong = f"{what}, got {type(shards).__name__} {shards!r}"
     if isinstance(shards, bool) or not isinstance(shards, int):
         raise (ValueError if isinstance(shards, str) else TypeError)(wrong)
     if shards < 1:

@@ -11,9 +11,9 @@ there), so it is freed with the model that owns it.
 the shard count and calls the op (or the region directly when one shard is enough). :class:`TiledLoss`
 does the same for a projection and its cross-entropy; :func:`tiled` picks the class a plan needs.
 
-A call whose input has another dtype or device than the region's weights (:meth:`TiledRegion.mismatched`)
-is first tried untiled on one row: a region that casts or moves its input itself takes it, and the call
-runs tiled as any other. One the region refuses never enters the op, where it would fail dozens of frames deep
+A call whose input has another dtype than the region's weights (:meth:`TiledRegion.mismatched`) is first
+tried untiled on one row: a region that casts its input itself takes it, and the call runs tiled as any
+other. One the region refuses never enters the op, where it would fail dozens of frames deep
 in ``torch._library`` and dynamo: it runs the region untiled, as the untouched model would, and so raises
 at the call, the untiled region's own error with the region's name and the remedy.
 """
@@ -21,6 +21,7 @@ at the call, the untiled region's own error with the region's name and the remed
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -33,7 +34,18 @@ from .passes.kernel_plans import LossPlan
 from .passes.specialize import ROOT
 from .policy import CallPlan, MemoryProfile, ShardPolicy, Thresholds
 
-__all__ = ["Region", "TiledLoss", "TiledRegion", "python_state", "tiled"]
+__all__ = ["Mismatch", "Region", "TiledLoss", "TiledRegion", "python_state", "tiled"]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """An input of another dtype or device than a region's weights: what is wrong, the remedy, the input's
+    ``(dtype, device)`` and whether the device differs."""
+
+    why: str
+    remedy: str
+    key: tuple
+    device: bool
 
 
 class Region:
@@ -118,6 +130,7 @@ class TiledRegion:
         self.itemsize = 4  # bytes per element of its weights (set when built): the loss's floor is counted in them
         self.path = path  # the block it was tiled in, for messages ("" the root; None: not said)
         self._warned_mismatch = False
+        self._accepted: dict[tuple, bool] = {}  # (input dtype, device) -> the region casts such an input itself
         self.__name__ = self.__qualname__ = region.label  # the generated forward calls it fxtile_<label>
         self.__module__ = "fxtile"
 
@@ -196,13 +209,13 @@ class TiledRegion:
         return f"tiled region {self.__name__}{block} ({names})"
 
     @staticmethod
-    def mismatched(x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Optional[tuple[str, str]]:
-        """``(what is wrong, the remedy)`` when ``x`` (the rows the region's first step reads) does not fit
-        the op, else None: another device than the region's weights, or another floating dtype with
-        autocast off, where the weights share one floating dtype and device. Mixed weights (quantized, an
-        fp32 adapter on bf16 layers) and the meta device are left to the op, and so is every call under
-        ``torch.compile`` (the untiled region cannot be tried there: dynamo reports the error itself). Runs
-        on every forward: dtypes and devices compared, nothing computed."""
+    def mismatched(x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Optional[Mismatch]:
+        """What is wrong when ``x`` (the rows the region's first step reads) does not fit the op, else None:
+        another device than the region's weights, or another floating dtype with autocast off, where the
+        weights share one floating dtype and device. Mixed weights (quantized, an fp32 adapter on bf16
+        layers) and the meta device are left to the op, and so is every call under ``torch.compile`` (the
+        untiled region cannot be tried there: dynamo reports the error itself). Runs on every forward:
+        dtypes and devices compared, nothing computed."""
         if (torch.compiler.is_compiling() or not tensors or not x.is_floating_point()
                 or x.device.type == "meta"):
             return None
@@ -212,34 +225,44 @@ class TiledRegion:
         if any(t.dtype != dtype or t.device != device for t in tensors):
             return None
         if x.device != device:
-            return (f"got an input on {x.device}, but its weights are on {device}",
-                    f"move the input with .to({str(device)!r}) or the model with model.to({str(x.device)!r})")
+            return Mismatch(f"got an input on {x.device}, but its weights are on {device}",
+                            f"move the input with .to({str(device)!r}) or the model with model.to({str(x.device)!r})",
+                            (x.dtype, x.device), device=True)
         if x.dtype != dtype and not op.autocast_dtype_of(x.device):
             name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
-            return (f"got a {name(x.dtype)} input, but its weights are {name(dtype)}",
-                    f"cast the input with .to({dtype}), convert the model with model.to({x.dtype}), or run under "
-                    "torch.autocast")
+            return Mismatch(f"got a {name(x.dtype)} input, but its weights are {name(dtype)}",
+                            f"cast the input with .to({dtype}), convert the model with model.to({x.dtype}), or run "
+                            "under torch.autocast", (x.dtype, x.device), device=False)
         return None
 
-    def accepts(self, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], modes: Sequence[bool]) -> bool:
-        """Does the untiled region run on these rows (a region that casts or moves its input itself)? Tried on
-        the first row, without gradients and with the random state put back (a region with dropout draws
-        the same numbers afterwards): then the call goes to the op as any other."""
-        cuda = torch.cuda.is_available()  # (a fake CUDA tensor on a CPU-only build has no generator to save)
-        devices = sorted({t.device.index or 0 for t in (*rows, *tensors) if cuda and t.device.type == "cuda"})
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                self.region.run([r[:1] for r in rows], tensors, modes)
-        except (RuntimeError, TypeError, ValueError):
+    def accepts(self, mismatch: Mismatch, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
+                modes: Sequence[bool]) -> bool:
+        """Does the region take an input of this other dtype (it casts the input itself)? Then the call goes to
+        the op as any other: for mixed dtypes the op runs the region's own code shard by shard, casts
+        included. Tried once per input dtype, untiled on the first row, without gradients and with the
+        random state put back (a region with dropout draws the same numbers afterwards). An input on another
+        device never goes to the op (its explicit kernels do not move inputs): it runs untiled."""
+        if mismatch.device:
             return False
-        return True
+        if mismatch.key not in self._accepted:
+            cuda = torch.cuda.is_available()  # (a fake CUDA tensor on a CPU-only build has no generator to save)
+            devices = sorted({t.device.index or 0 for t in (*rows, *tensors) if cuda and t.device.type == "cuda"})
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                    self.region.run([r[:1] for r in rows], tensors, modes)
+                self._accepted[mismatch.key] = True
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, TypeError, ValueError):
+                self._accepted[mismatch.key] = False
+        return self._accepted[mismatch.key]
 
-    def run_mismatched(self, mismatch: tuple[str, str], rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
+    def run_mismatched(self, mismatch: Mismatch, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
                        modes: Sequence[bool]) -> torch.Tensor:
         """The region untiled on an input :meth:`mismatched` refused and :meth:`accepts` did not take, as the
         untouched model runs it: its own error, raised here with the region's name and the remedy (one short
         traceback instead of the op's; out-of-memory errors as they are), or its result (said once)."""
-        why, remedy = mismatch
+        why, remedy = mismatch.why, mismatch.remedy
         try:
             out = self.region.run(rows, tensors, modes)
         except torch.OutOfMemoryError:
@@ -280,7 +303,7 @@ class TiledRegion:
         lead = inputs[0].shape[:-1] if self.region.inputs[0].width is not None else inputs[0].shape
         rows = [t.reshape(lead.numel(), *t.shape[len(lead):]) for t in inputs]
         mismatch = self.mismatched(inputs[0], tensors)
-        if mismatch is not None and not self.accepts(rows, tensors, modes):
+        if mismatch is not None and not self.accepts(mismatch, rows, tensors, modes):
             out = self.run_mismatched(mismatch, rows, tensors, modes)
             return out.reshape(*lead, *out.shape[1:])
         plan = self.call_plan(rows[0].shape[0])
@@ -320,15 +343,15 @@ class TiledLoss(TiledRegion):
         self._check_modules(modules)
         modes = self.live_modes(modules)
         h, targets = inputs
-        mismatch = self.mismatched(h, tensors)
-        if mismatch is not None and not self.accepts(inputs, tensors, modes):
-            return self.run_mismatched(mismatch, inputs, tensors, modes)
         if not self.region.loss.flattened and h.dim() != 2:
             return self._untiled(f"its logits are {h.dim()}-D and never flattened to rows", inputs, tensors, modes)
         rows = h.reshape(-1, h.shape[-1])
         if targets.is_floating_point() or targets.numel() != rows.shape[0]:
             return self._untiled("its targets are not one class index per row", inputs, tensors, modes)
         flat = [rows, targets.reshape(-1)]
+        mismatch = self.mismatched(h, tensors)
+        if mismatch is not None and not self.accepts(mismatch, flat, tensors, modes):  # one row, not one sequence
+            return self.run_mismatched(mismatch, flat, tensors, modes)
         plan = self.call_plan(rows.shape[0])
         if plan.shards == 1:
             return self.region.run(flat, tensors, modes)

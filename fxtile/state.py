@@ -2,7 +2,7 @@
 
 Its own module because everything that installs, reads or removes a tiling reads it (the API, the block
 kinds, the per-call cache, ``fxtile.testing``), and none of them should import another for it: it imports
-only the records and the policy.
+the records, the policy and the region callables it holds, nothing that installs.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ class Untraced:
     reason: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Found:
     """What matching a block's graph gave: the graph (an ``fx.GraphModule``, or a per-call :class:`Traced`
     that holds one), the regions found in it and the instances refused, each with its reason."""

@@ -8,7 +8,7 @@ graph. Every plan names tensors by their index in the region's tensor list (the 
 * :func:`mlp_plan` - a :class:`LinearMLP`: plain linear layers around a parameter-free, RNG-free
   element-wise activation (the fast path's backward recomputes only the first projections and the
   activation);
-* :func:`proj_of` - a :class:`Proj`, also for the loss head's :class:`LossPlan` (:mod:`passes.loss_head`);
+* :func:`proj_of` - a :class:`Proj`, also for the loss head's :class:`~.kernel_plans.LossPlan` (:mod:`passes.loss_head`);
 * :func:`bank_hypotheses` - :class:`BankPlan` s: a routed expert bank's code is opaque, so its shapes only
   admit *hypotheses*; the runtime keeps the first that reproduces the bank's own forward.
 

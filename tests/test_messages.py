@@ -224,8 +224,8 @@ class _CastingLinear(nn.Linear):
 
 
 def test_a_region_that_casts_its_input_itself_takes_other_dtypes_and_still_runs_tiled():
-    """The untouched region takes a float64 input (its projections cast it): the tiled call finds so on fake
-    tensors and runs tiled, exact, with nothing to say."""
+    """The untouched region takes a float64 input (its projections cast it): the tiled call finds so on one
+    row and runs tiled, exact, with nothing to say."""
     torch.manual_seed(0)
     model = M.Odd()
     model.wa, model.wb = _CastingLinear(12, 28), _CastingLinear(12, 28)
@@ -356,14 +356,15 @@ def test_a_deep_copy_of_a_called_tiled_model_warns_nothing():
 
 
 class _CastingDropout(nn.Module):
-    """Casts its input itself, then a dropout: the one-row try must not draw from the generator."""
+    """Casts its input itself (inside its first projection, a leaf), then a dropout: the one-row try must not
+    draw from the generator."""
 
     def __init__(self):
         super().__init__()
-        self.up, self.down, self.drop = nn.Linear(12, 40), nn.Linear(40, 12), nn.Dropout(0.5)
+        self.up, self.down, self.drop = _CastingLinear(12, 40), nn.Linear(40, 12), nn.Dropout(0.5)
 
     def forward(self, x):
-        return self.down(self.drop(F.silu(self.up(x.to(self.up.weight.dtype)))))
+        return self.down(self.drop(F.silu(self.up(x))))
 
 
 def test_trying_a_mismatched_input_draws_no_random_numbers():
@@ -373,7 +374,8 @@ def test_trying_a_mismatched_input_draws_no_random_numbers():
     states = []
     for given in (x, x.double()):  # the same call, matching and mismatched: the same draws
         torch.manual_seed(1)
-        out = tiled(given)
-        states.append((torch.get_rng_state(), out))
+        out = []
+        assert ran_tiled(tiled, lambda: out.append(tiled(given))) == (2, 0)  # the mismatched one was tried, then tiled
+        states.append((torch.get_rng_state(), out[0]))
     assert torch.equal(states[0][0], states[1][0])
     torch.testing.assert_close(states[1][1], states[0][1])

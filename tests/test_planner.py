@@ -197,6 +197,20 @@ def test_layers_that_differ_are_measured_whole():
     assert cost.parts is None and cost(1024) == planner.step_peak(model, 1024).peak
 
 
+def test_uncounted_pauses_the_counters_active_then_and_counts_those_entered_inside():
+    from fxtile.memory import LiveBytes, uncounted
+
+    with LiveBytes([]) as outer:
+        a = torch.ones(1024)  # 4 KiB: counted
+        with uncounted():
+            b = torch.ones(2048)  # the outer counter is paused
+            with LiveBytes([]) as inner:
+                c = torch.ones(4096)  # the inner counter counts
+        d = torch.ones(512)  # counted again
+    assert inner.peak == c.untyped_storage().nbytes()
+    assert outer.peak == a.untyped_storage().nbytes() + d.untyped_storage().nbytes(), (outer.peak, b.shape)
+
+
 def test_states_follow_zero_stages():
     model = torch.nn.Linear(1000, 1000, bias=False).to(torch.bfloat16)  # 1M parameters
     p = 10**6
