@@ -353,8 +353,7 @@ def _nothing_tiled(model: nn.Module, skipped: list[Skipped], filter_fn: Optional
     """What ``transform`` says when it tiled nothing: how much it looked at and, when ``find(...).skipped``
     lists blocks, how many and the first one's reason (pointing to an empty list would send the user nowhere)."""
     looked = sum(1 for _ in model.modules())
-    found = f"fxtile.transform found no MLP to tile in {type(model).__name__} ({looked} module{'s' * (looked > 1)}"
-    found += " looked at"
+    found = f"fxtile.transform found no MLP to tile in {type(model).__name__} ({looked} module{'s' * (looked > 1)} looked at"
     if skipped:
         arguments = (", filter_fn=filter_fn" if filter_fn is not None else "") + (", loss=True" if loss else "")
         call = f"fxtile.find(model{arguments})"

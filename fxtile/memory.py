@@ -79,6 +79,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self._entered: list[contextvars.Token] = []  # one token per (nested) entry
         self._refs: dict[int, Optional[weakref.ref]] = {}
         self._existing = [t.untyped_storage() for t in existing]
         for storage in self._existing:
@@ -100,7 +101,7 @@ class LiveBytes(TorchDispatchMode):
         self._refs[key] = weakref.ref(storage, freed)
 
     def __enter__(self):
-        self._entered = getattr(self, "_entered", []) + [_ACTIVE.set(_ACTIVE.get() + (self,))]
+        self._entered.append(_ACTIVE.set(_ACTIVE.get() + (self,)))
         return super().__enter__()
 
     def __exit__(self, *exc):

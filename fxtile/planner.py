@@ -347,10 +347,10 @@ def _alike_layers(model: nn.Module) -> bool:
     return all(_layer_signature(layer) == first for layer in layers[1:])
 
 
-def _first_layers(model: nn.Module, count: int) -> nn.Module:
-    """A deep copy of ``model`` (meta) that keeps only its first ``count`` decoder layers. Only those
-    layers are copied: the list is swapped for a shorter one while copying."""
-    parent, name = _layer_list(model)
+def _first_layers(model: nn.Module, where: tuple[nn.Module, str], count: int) -> nn.Module:
+    """A deep copy of ``model`` (meta) that keeps only its first ``count`` decoder layers, held at ``where``
+    (:func:`_layer_list`). Only those layers are copied: the list is swapped for a shorter one while copying."""
+    parent, name = where
     full = parent._modules[name]
     parent._modules[name] = nn.ModuleList(list(full)[:count])
     try:
@@ -377,8 +377,9 @@ class _StepCost:
         self.evaluations = 0
         self.layers = len(_layers(model))
         self.parts = None  # (one-layer copy, two-layer copy) while the linear extension holds
-        if self.layers > 3 and _layer_list(model) is not None and _alike_layers(model):
-            self.parts = (_first_layers(model, 1), _first_layers(model, 2))
+        self.where = _layer_list(model) if self.layers > 3 else None
+        if self.where is not None and _alike_layers(model):
+            self.parts = (_first_layers(model, self.where, 1), _first_layers(model, self.where, 2))
         self.checked = self.parts is None
         self.cache: dict[int, int] = {}
 
@@ -399,7 +400,7 @@ class _StepCost:
         if self.parts is not None:
             try:
                 one, two = (self._peak(m, tokens) for m in self.parts)
-                three = None if self.checked else self._peak(_first_layers(self.model, 3), tokens)
+                three = None if self.checked else self._peak(_first_layers(self.model, self.where, 3), tokens)
             except Exception:  # noqa: BLE001 - a model that will not run cut short (it counts its layers)
                 one = two = three = None
             if one is None or (three is not None and three != one + 2 * (two - one)):  # to the byte, or not linear

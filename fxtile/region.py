@@ -39,12 +39,11 @@ __all__ = ["Mismatch", "Region", "TiledLoss", "TiledRegion", "python_state", "ti
 
 @dataclass(frozen=True)
 class Mismatch:
-    """An input of another dtype or device than a region's weights: what is wrong, the remedy, the input's
-    ``(dtype, device)`` and whether the device differs."""
+    """An input of another dtype or device than a region's weights: what is wrong, the remedy, and whether
+    the device differs."""
 
     why: str
     remedy: str
-    key: tuple
     device: bool
 
 
@@ -129,7 +128,7 @@ class TiledRegion:
         self.thresholds: Optional[Thresholds] = None  # set with the region's profile (set_profile)
         self.itemsize = 4  # bytes per element of its weights (set when built): the loss's floor is counted in them
         self.path = path  # the block it was tiled in, for messages ("" the root; None: not said)
-        self._warned_mismatch = False
+        self._warned_untiled = False  # a call the op does not cover was said once (run_untiled)
         self._accepted: dict[tuple, bool] = {}  # (input dtype, device) -> the region casts such an input itself
         self.__name__ = self.__qualname__ = region.label  # the generated forward calls it fxtile_<label>
         self.__module__ = "fxtile"
@@ -227,12 +226,12 @@ class TiledRegion:
         if x.device != device:
             return Mismatch(f"got an input on {x.device}, but its weights are on {device}",
                             f"move the input with .to({str(device)!r}) or the model with model.to({str(x.device)!r})",
-                            (x.dtype, x.device), device=True)
+                            device=True)
         if x.dtype != dtype and not op.autocast_dtype_of(x.device):
             name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
             return Mismatch(f"got a {name(x.dtype)} input, but its weights are {name(dtype)}",
                             f"cast the input with .to({dtype}), convert the model with model.to({x.dtype}), or run "
-                            "under torch.autocast", (x.dtype, x.device), device=False)
+                            "under torch.autocast", device=False)
         return None
 
     def accepts(self, mismatch: Mismatch, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
@@ -244,39 +243,44 @@ class TiledRegion:
         device never goes to the op (its explicit kernels do not move inputs): it runs untiled."""
         if mismatch.device:
             return False
-        if mismatch.key not in self._accepted:
+        key = (rows[0].dtype, rows[0].device)
+        if key not in self._accepted:
             cuda = torch.cuda.is_available()  # (a fake CUDA tensor on a CPU-only build has no generator to save)
             devices = sorted({t.device.index or 0 for t in (*rows, *tensors) if cuda and t.device.type == "cuda"})
             try:
                 with torch.no_grad(), torch.random.fork_rng(devices=devices):
                     self.region.run([r[:1] for r in rows], tensors, modes)
-                self._accepted[mismatch.key] = True
+                self._accepted[key] = True
             except torch.OutOfMemoryError:
                 raise
             except (RuntimeError, TypeError, ValueError):
-                self._accepted[mismatch.key] = False
-        return self._accepted[mismatch.key]
+                self._accepted[key] = False
+        return self._accepted[key]
 
     def run_mismatched(self, mismatch: Mismatch, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
                        modes: Sequence[bool]) -> torch.Tensor:
         """The region untiled on an input :meth:`mismatched` refused and :meth:`accepts` did not take, as the
         untouched model runs it: its own error, raised here with the region's name and the remedy (one short
         traceback instead of the op's; out-of-memory errors as they are), or its result (said once)."""
-        why, remedy = mismatch.why, mismatch.remedy
         try:
-            out = self.region.run(rows, tensors, modes)
+            return self.run_untiled(f"it {mismatch.why}", rows, tensors, modes)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, TypeError, ValueError) as exc:
-            message = f"fxtile: {self.describe()} {why} (untiled: {exc}); {remedy}"
+            message = f"fxtile: {self.describe()} {mismatch.why} (untiled: {exc}); {mismatch.remedy}"
             try:
                 error = type(exc)(message)
             except Exception:  # noqa: BLE001 - a subclass that takes other arguments: its builtin base
                 error = next(k for k in (RuntimeError, TypeError, ValueError) if isinstance(exc, k))(message)
             raise error from None
-        if not self._warned_mismatch:
-            self._warned_mismatch = True
-            warnings.warn(f"fxtile: {self.describe()} ran untiled for this call: it {why}", stacklevel=5)
+
+    def run_untiled(self, why: str, rows: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
+                    modes: Sequence[bool]) -> torch.Tensor:
+        """The region untiled for a call the op does not cover, said once (the first call's reason)."""
+        out = self.region.run(rows, tensors, modes)
+        if not self._warned_untiled:
+            self._warned_untiled = True
+            warnings.warn(f"fxtile: {self.describe()} runs untiled for this call: {why}", stacklevel=4)
         return out
 
     @staticmethod
@@ -321,16 +325,8 @@ class TiledLoss(TiledRegion):
     A call the plan does not cover (targets that are not one class index per row, logits the graph does
     not flatten from a 2-D input) runs the region untiled, and says so once."""
 
-    _warned = False
-
     def shards_for(self, rows: int) -> int:
         return self.policy.loss_count(rows, self.region.hidden_size, self.region.width, self.itemsize)
-
-    def _untiled(self, why: str, inputs, tensors, modes) -> torch.Tensor:
-        if not self._warned:
-            self._warned = True
-            warnings.warn(f"fxtile: the loss {self.__name__} runs untiled for this call: {why}", stacklevel=4)
-        return self.region.run(inputs, tensors, modes)
 
     def run_tiled(self, rows, tensors, modes, shards, fp32_sums=True):
         h, targets = rows
@@ -344,10 +340,10 @@ class TiledLoss(TiledRegion):
         modes = self.live_modes(modules)
         h, targets = inputs
         if not self.region.loss.flattened and h.dim() != 2:
-            return self._untiled(f"its logits are {h.dim()}-D and never flattened to rows", inputs, tensors, modes)
+            return self.run_untiled(f"its logits are {h.dim()}-D and never flattened to rows", inputs, tensors, modes)
         rows = h.reshape(-1, h.shape[-1])
         if targets.is_floating_point() or targets.numel() != rows.shape[0]:
-            return self._untiled("its targets are not one class index per row", inputs, tensors, modes)
+            return self.run_untiled("its targets are not one class index per row", inputs, tensors, modes)
         flat = [rows, targets.reshape(-1)]
         mismatch = self.mismatched(h, tensors)
         if mismatch is not None and not self.accepts(mismatch, flat, tensors, modes):  # one row, not one sequence
